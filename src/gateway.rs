@@ -1,0 +1,421 @@
+//! The per-request path: request id, route match, payment gate, forward, metrics,
+//! access log.
+//!
+//! Everything that comes from the config lives in an immutable [`Snapshot`] behind an
+//! `ArcSwap`: a reload builds a new snapshot and swaps it in atomically, and requests
+//! already in flight finish on the one they started with.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::config::{Config, ConfigErrors};
+use crate::ledger::Ledger;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::payment::layer::{PaymentGate, PaymentLayer, RequestCtx, Synthetic};
+use crate::payment::Rails;
+use crate::problem::{self, PROBLEM_PATH};
+use crate::proxy::headers::TrustedProxies;
+use crate::proxy::{ConnInfo, ProxyError, Upstream};
+use crate::route::RouteTable;
+use crate::Body;
+
+/// Builds the rails for a config; given to the gateway so tests can add fakes.
+pub type RailFactory = Arc<dyn Fn(&Config, &Arc<dyn Ledger>, &Arc<Metrics>) -> Result<Rails, String> + Send + Sync>;
+
+/// Everything derived from one config file.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub public_base: String,
+    pub routes: RouteTable,
+    route_metrics: Vec<RouteMetrics>,
+    upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    trusted: TrustedProxies,
+    payment: PaymentLayer,
+    unmatched: RouteMetrics,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").field("routes", &self.routes).finish()
+    }
+}
+
+impl Snapshot {
+    pub fn build(cfg: Config, shared: &Shared) -> Result<Snapshot, ConfigErrors> {
+        cfg.validate()?;
+        let mut upstreams = HashMap::new();
+        let mut errors = Vec::new();
+        for (i, u) in cfg.upstreams.iter().enumerate() {
+            match Upstream::new(u, &shared.metrics) {
+                Ok(up) => {
+                    upstreams.insert(up.name.clone(), Arc::new(up));
+                }
+                Err(e) => errors.push(format!("upstream[{i}]: {e}")),
+            }
+        }
+        let rails = match (shared.rails)(&cfg, &shared.ledger, &shared.metrics) {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(e);
+                Rails::default()
+            }
+        };
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let routes = RouteTable::new(&cfg);
+        let route_metrics = routes.iter().map(|r| shared.metrics.for_route(&r.name)).collect();
+        let gate = PaymentGate::new(&cfg, &routes, rails, &shared.metrics);
+        let trusted = TrustedProxies::new(
+            cfg.server.trusted_proxies.iter().filter_map(|p| crate::config::parse_net(p)).collect(),
+        );
+        Ok(Snapshot {
+            public_base: cfg.public_base(),
+            routes,
+            route_metrics,
+            upstreams,
+            trusted,
+            payment: PaymentLayer::new(Arc::new(gate)),
+            unmatched: shared.metrics.for_route("_unmatched"),
+            config: Arc::new(cfg),
+        })
+    }
+
+    /// The longest upstream timeout: holds older than this plus a margin are stale.
+    pub fn max_upstream_timeout(&self) -> std::time::Duration {
+        self.config.upstreams.iter().map(|u| crate::config::duration(&u.timeout)).max().unwrap_or_default()
+    }
+}
+
+/// State that outlives reloads.
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub ledger: Arc<dyn Ledger>,
+    pub rails: RailFactory,
+    pub config_path: Option<PathBuf>,
+    pub state: ArcSwap<Snapshot>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("config_path", &self.config_path).finish()
+    }
+}
+
+/// The gateway service handed to every connection. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+}
+
+impl Gateway {
+    pub fn new(
+        cfg: Config,
+        config_path: Option<PathBuf>,
+        ledger: Arc<dyn Ledger>,
+        metrics: Arc<Metrics>,
+        rails: RailFactory,
+    ) -> Result<Gateway, ConfigErrors> {
+        // Build the first snapshot against a placeholder, then install it.
+        let shared = Arc::new_cyclic(|_| Shared {
+            metrics,
+            ledger,
+            rails,
+            config_path,
+            state: ArcSwap::from_pointee(Snapshot::placeholder()),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let snap = Snapshot::build(cfg, &shared)?;
+        shared.state.store(Arc::new(snap));
+        Ok(Gateway { shared })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.state.load_full()
+    }
+
+    /// Re-reads the config file and swaps it in; the old one stays on any error.
+    pub async fn reload(&self) -> Result<(), ConfigErrors> {
+        let _one_at_a_time = self.shared.reload_lock.lock().await;
+        let result = match &self.shared.config_path {
+            None => Err(ConfigErrors(vec!["no config file to reload from".into()])),
+            Some(path) => {
+                let path = path.clone();
+                let cfg = tokio::task::spawn_blocking(move || Config::load(&path))
+                    .await
+                    .map_err(|e| ConfigErrors(vec![e.to_string()]))
+                    .and_then(|r| r);
+                cfg.and_then(|cfg| self.swap(cfg))
+            }
+        };
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.shared.metrics.config_reloads.get_or_create(&crate::metrics::ReloadResult { result: label }).inc();
+        match &result {
+            Ok(()) => tracing::info!("config reloaded"),
+            Err(e) => tracing::error!(errors = %e.0.join("; "), "config reload refused; keeping the old config"),
+        }
+        result
+    }
+
+    /// Swaps in a new config (validated here).
+    pub fn swap(&self, cfg: Config) -> Result<(), ConfigErrors> {
+        let old = self.snapshot();
+        let mut problems = Vec::new();
+        if cfg.server.listen != old.config.server.listen {
+            problems.push("server.listen: changing the listen address needs a restart".to_owned());
+        }
+        if cfg.admin.listen != old.config.admin.listen {
+            problems.push("admin.listen: changing the admin address needs a restart".to_owned());
+        }
+        if cfg.ledger.backend != old.config.ledger.backend
+            || cfg.ledger.path != old.config.ledger.path
+            || cfg.ledger.url != old.config.ledger.url
+        {
+            problems.push("ledger: changing the ledger needs a restart".to_owned());
+        }
+        let snap = Snapshot::build(cfg, &self.shared).map_err(|mut e| {
+            e.0.append(&mut problems.clone());
+            e
+        })?;
+        if !problems.is_empty() {
+            return Err(ConfigErrors(problems));
+        }
+        self.shared.state.store(Arc::new(snap));
+        Ok(())
+    }
+
+    /// Serves one request. Never fails: every problem is a response.
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let snap = self.snapshot();
+        let request_id = crate::telemetry::request_id(req.headers().get("x-request-id"));
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let peer = conn.map(|c| c.peer.ip()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+
+        if let Some(code) = path.strip_prefix(PROBLEM_PATH) {
+            if method == Method::GET || method == Method::HEAD {
+                if let Some(res) = problem::problem_page(code) {
+                    return finish(res, &request_id);
+                }
+            }
+        }
+
+        let host = request_host(&req);
+        let Some(route) = snap.routes.find(host.as_deref(), &method, &path).cloned() else {
+            snap.unmatched.rejected.inc();
+            tracing::info!(request_id = %request_id, method = %method, path = %path, status = 404, "no route");
+            let res = problem::problem_response(
+                &snap.public_base,
+                "route_not_found",
+                StatusCode::NOT_FOUND,
+                format!("No route matches {method} {path}."),
+                &path,
+                &request_id,
+                Default::default(),
+            );
+            return finish(res, &request_id);
+        };
+        let rm = &snap.route_metrics[route.index];
+        let _inflight = Inflight::new(&self.shared.metrics);
+
+        let client_ip = snap.trusted.client_ip(peer, req.headers());
+        let proto = if conn.is_some_and(|c| c.tls) { "https" } else { "http" };
+        let headers = req.headers_mut();
+        let stale: Vec<_> = headers.keys().filter(|k| k.as_str().starts_with("x-tollgate-")).cloned().collect();
+        for k in stale {
+            headers.remove(k);
+        }
+        snap.trusted.set_forwarded(headers, peer, proto, host.as_deref());
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            headers.insert("x-request-id", v);
+        }
+        req.extensions_mut().insert(Arc::new(RequestCtx {
+            request_id: request_id.clone(),
+            route: route.clone(),
+            client_ip,
+        }));
+
+        let forward = Forward { snapshot: snap.clone() };
+        let Ok(res) = snap.payment.layer(forward).oneshot(req).await;
+
+        let status = res.status();
+        let outcome_counter = if res.extensions().get::<Synthetic>().is_some() {
+            &rm.upstream_error
+        } else if status == StatusCode::PAYMENT_REQUIRED
+            && route.price.is_some()
+            && res.extensions().get::<Forwarded>().is_none()
+        {
+            &rm.payment_required
+        } else if res.extensions().get::<Forwarded>().is_none() {
+            &rm.rejected
+        } else if route.is_free() {
+            &rm.free
+        } else {
+            &rm.forwarded
+        };
+        outcome_counter.inc();
+        let elapsed = started.elapsed();
+        rm.duration.observe(elapsed.as_secs_f64());
+        tracing::info!(
+            request_id = %request_id,
+            client = %client_ip,
+            method = %method,
+            path = %path,
+            route = %route.name,
+            upstream = %route.upstream,
+            status = status.as_u16(),
+            latency_us = elapsed.as_micros() as u64,
+            "request"
+        );
+        finish(res, &request_id)
+    }
+}
+
+/// Marks a response that came from the upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded;
+
+fn finish(mut res: Response<Body>, request_id: &str) -> Response<Body> {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
+/// The request's host without port: `Host` for HTTP/1, `:authority` for HTTP/2.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_owned())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))?;
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or("").to_owned(),
+        None => raw.rsplit_once(':').map(|(h, _)| h.to_owned()).unwrap_or(raw),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+struct Inflight<'a>(&'a Metrics);
+
+impl<'a> Inflight<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.inflight.inc();
+        Inflight(m)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.dec();
+    }
+}
+
+impl Snapshot {
+    fn placeholder() -> Snapshot {
+        let cfg: Config =
+            Config::parse("[server]\nlisten = \"127.0.0.1:0\"\n", |_| None).expect("static config parses");
+        let metrics = Metrics::new();
+        Snapshot {
+            public_base: cfg.public_base(),
+            routes: RouteTable::default(),
+            route_metrics: Vec::new(),
+            upstreams: HashMap::new(),
+            trusted: TrustedProxies::new(Vec::new()),
+            payment: PaymentLayer::new(Arc::new(PaymentGate::new(
+                &cfg,
+                &RouteTable::default(),
+                Rails::default(),
+                &metrics,
+            ))),
+            unmatched: metrics.for_route("_unmatched"),
+            config: Arc::new(cfg),
+        }
+    }
+}
+
+// === impl Forward ===
+
+/// The innermost service: sends the request to the route's upstream.
+#[derive(Clone)]
+pub struct Forward {
+    snapshot: Arc<Snapshot>,
+}
+
+impl Service<Request<Incoming>> for Forward {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let snap = self.snapshot.clone();
+        Box::pin(async move {
+            let Some(ctx) = req.extensions().get::<Arc<RequestCtx>>().cloned() else {
+                let mut res = Response::new(crate::empty());
+                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(res);
+            };
+            let Some(upstream) = snap.upstreams.get(&ctx.route.upstream).cloned() else {
+                let mut res = Response::new(crate::empty());
+                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(res);
+            };
+            let path = req.uri().path().to_owned();
+            match upstream.forward(req, ctx.route.strip_prefix.as_deref()).await {
+                Ok(mut res) => {
+                    res.extensions_mut().insert(Forwarded);
+                    Ok(res)
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %ctx.request_id, route = %ctx.route.name, error = %e, "upstream failed");
+                    let (code, status) = match &e {
+                        ProxyError::Timeout { .. } => ("upstream_timeout", StatusCode::GATEWAY_TIMEOUT),
+                        ProxyError::BadRequest(_) => ("bad_request", StatusCode::BAD_REQUEST),
+                        _ => ("upstream_unavailable", StatusCode::BAD_GATEWAY),
+                    };
+                    let detail = match &e {
+                        ProxyError::Timeout { timeout, .. } => {
+                            format!(
+                                "The upstream did not answer within {}; nothing was charged.",
+                                humantime::format_duration(*timeout)
+                            )
+                        }
+                        ProxyError::BadRequest(m) => format!("The request cannot be forwarded: {m}."),
+                        _ => "The upstream could not be reached; nothing was charged.".to_owned(),
+                    };
+                    let mut res = problem::problem_response(
+                        &snap.public_base,
+                        code,
+                        status,
+                        detail,
+                        &path,
+                        &ctx.request_id,
+                        Default::default(),
+                    );
+                    res.extensions_mut().insert(Synthetic);
+                    Ok(res)
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,1002 @@
+//! The embedded SQLite ledger: the default backend, zero setup, one replica
+//! (DESIGN §5 "Ledger semantics").
+//!
+//! # Threads
+//!
+//! SQLite calls block, so none of them run on the async runtime. One dedicated
+//! **writer** thread owns the read-write connection and executes every command that
+//! writes (and `ping`); one **reader** thread owns a second, query-only connection for
+//! the admin reads (`key`, `list_keys`, `transactions`, `settlements`). In WAL mode a
+//! reader never blocks the writer, so a slow admin listing cannot delay `authorize`.
+//! Callers send a closure over a bounded channel and await a `oneshot` reply; a full
+//! channel makes them wait (backpressure) instead of queueing without bound.
+//!
+//! # Group commit
+//!
+//! The writer takes every command already queued (up to [`MAX_BATCH`]) and runs them in
+//! ONE `BEGIN IMMEDIATE … COMMIT`, so one commit (and, with `synchronous=FULL`, one
+//! fsync) is shared by the whole batch. Each command runs inside its own `SAVEPOINT`:
+//! a command that fails (or panics) is rolled back alone and the others still commit.
+//! Replies are sent only after the `COMMIT` returned, so an acknowledged hold, credit or
+//! nonce is always committed; if the `COMMIT` fails, every command of the batch gets
+//! the error. Correctness does not depend on batching: the single writer serialises all
+//! commands, and each one is atomic.
+//!
+//! # Durability
+//!
+//! The database runs in WAL mode.
+//! - **`kill -9`** (process crash): every acknowledged command survives with either
+//!   setting, because a commit is in the WAL file (at least in the OS page cache)
+//!   before the reply is sent. Holds the dead process left pending are released at the
+//!   next start by [`Ledger::release_stale_holds`].
+//! - **Power loss or OS crash**: with `synchronous=NORMAL` (the default) the WAL is
+//!   fsynced only at checkpoints, so the transactions committed since the last
+//!   checkpoint may be lost (the database stays consistent: it rolls back to an earlier
+//!   commit, never to a torn one). With `synchronous=FULL`
+//!   ([`SqliteOptions::synchronous_full`]) every commit is fsynced before it is
+//!   acknowledged, so nothing acknowledged is lost; group commit keeps that affordable.
+//!
+//! # Schema
+//!
+//! Migrations are numbered (the position in [`MIGRATIONS`]) and tracked with
+//! `PRAGMA user_version`; those not yet applied run in one transaction at open, so
+//! re-opening an up-to-date database changes nothing. Amounts are `INTEGER` (i64) in
+//! SQLite and [`Micros`] (u64) in Rust; values above `i64::MAX` are refused with
+//! [`LedgerError::Overflow`].
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    generate_key, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey, Result,
+    SecretHash, Settlement, Transaction, TxKind,
+};
+use crate::money::Micros;
+
+/// Most commands one write transaction carries.
+pub const MAX_BATCH: usize = 256;
+/// Commands that may wait for a connection thread before callers wait for room.
+const QUEUE_DEPTH: usize = 4096;
+/// How long a statement waits for a lock held by another connection (another process
+/// opening the same file, or the reader during a checkpoint) before failing closed.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema version a database has once every migration is applied.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Migration `n` (1-based) is `MIGRATIONS[n - 1]`. Append only; never edit a shipped one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: keys, transactions, x402 nonces, settlements, health.
+    r#"
+    CREATE TABLE keys (
+        id          TEXT PRIMARY KEY,
+        secret_hash BLOB NOT NULL UNIQUE CHECK (length(secret_hash) = 32),
+        label       TEXT,
+        balance     INTEGER NOT NULL CHECK (balance >= 0),
+        revoked     INTEGER NOT NULL DEFAULT 0 CHECK (revoked IN (0, 1)),
+        created_at  INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE TABLE transactions (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id          TEXT NOT NULL REFERENCES keys (id),
+        kind            TEXT NOT NULL CHECK (kind IN ('credit', 'debit', 'refund')),
+        amount          INTEGER NOT NULL CHECK (amount > 0),
+        route           TEXT,
+        request_id      TEXT,
+        -- A debit is a hold: pending, then captured or released. Others have no status.
+        status          TEXT CHECK (
+            (kind = 'debit' AND status IS NOT NULL
+                AND status IN ('pending', 'captured', 'released'))
+            OR (kind <> 'debit' AND status IS NULL)),
+        idempotency_key TEXT CHECK (idempotency_key IS NULL OR kind = 'credit'),
+        created_at      INTEGER NOT NULL
+    ) STRICT;
+
+    CREATE UNIQUE INDEX transactions_idempotency
+        ON transactions (key_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX transactions_key_created ON transactions (key_id, created_at);
+    CREATE INDEX transactions_pending
+        ON transactions (created_at) WHERE kind = 'debit' AND status = 'pending';
+
+    -- Payer and nonce are stored lower-cased: hex is case-insensitive.
+    CREATE TABLE x402_nonces (
+        payer        TEXT NOT NULL,
+        nonce        TEXT NOT NULL,
+        valid_before INTEGER NOT NULL,
+        PRIMARY KEY (payer, nonce)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX x402_nonces_valid_before ON x402_nonces (valid_before);
+
+    CREATE TABLE settlements (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        rail       TEXT NOT NULL,
+        payer      TEXT NOT NULL,
+        amount     INTEGER NOT NULL CHECK (amount >= 0),
+        asset      TEXT NOT NULL,
+        network    TEXT NOT NULL,
+        tx_hash    TEXT NOT NULL,
+        route      TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+
+    -- One row, rewritten by ping: readiness proves the database is writable.
+    CREATE TABLE health (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        checked_at INTEGER NOT NULL
+    ) STRICT;
+    "#,
+];
+
+/// Durability settings (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// `PRAGMA synchronous=FULL`: fsync every commit, so nothing acknowledged is lost
+    /// on power loss. The default (`false`, `NORMAL`) survives a process crash
+    /// (`kill -9`) but may lose the last commits on power loss.
+    pub synchronous_full: bool,
+}
+
+/// The SQLite [`Ledger`]. Dropping it stops its threads after the queued commands ran
+/// and closes the database (which checkpoints the WAL).
+pub struct SqliteLedger {
+    writer: Worker,
+    reader: Worker,
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for SqliteLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteLedger").field("commits", &self.commit_count()).finish()
+    }
+}
+
+// === impl SqliteLedger ===
+
+impl SqliteLedger {
+    /// Opens (creating if needed) the database at `path`, applies pending migrations
+    /// and starts the writer and reader threads. Blocking: call it before serving.
+    pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteLedger> {
+        let mut conn = connect(path)?;
+        let sync = if opts.synchronous_full { "FULL" } else { "NORMAL" };
+        conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"))?;
+        migrate(&mut conn).map_err(|e| LedgerError::Other(format!("{}: {e}", path.display())))?;
+
+        let reader_conn = connect(path)?;
+        reader_conn.execute_batch("PRAGMA query_only = ON;")?;
+
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer = Worker::spawn("tollgate-ledger-writer", {
+            let commits = commits.clone();
+            move |queue| write_loop(&conn, queue, &commits)
+        })?;
+        let reader = Worker::spawn("tollgate-ledger-reader", move |queue| read_loop(&reader_conn, queue))?;
+        Ok(SqliteLedger { writer, reader, commits })
+    }
+
+    /// Number of write transactions committed so far. Each may carry up to
+    /// [`MAX_BATCH`] commands (group commit).
+    pub fn commit_count(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    async fn write<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.writer.call(work).await
+    }
+
+    async fn read<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.reader.call(work).await
+    }
+}
+
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| {
+        LedgerError::Unavailable(format!(
+            "cannot open the SQLite ledger at {}: {e} (does its directory exist and is it writable?)",
+            path.display()
+        ))
+    })?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(LedgerError::Other(format!(
+            "{}: SQLite refused WAL mode (journal_mode is {mode}); use a file on a local disk",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
+/// Applies the migrations the database does not have yet, all in one transaction.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let current: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(LedgerError::Other(format!(
+            "the ledger schema is version {current}, newer than this tollgate knows \
+             ({SCHEMA_VERSION}); run a newer tollgate or restore a backup"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql).map_err(|e| LedgerError::Other(format!("ledger migration {} failed: {e}", i + 1)))?;
+    }
+    if current < SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// SQLite errors that mean the store cannot do its job right now (fail closed and let
+/// readiness report it) are `Unavailable`; the rest are `Other`.
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> LedgerError {
+        match e.sqlite_error_code() {
+            Some(
+                ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::OutOfMemory,
+            ) => LedgerError::Unavailable(format!("SQLite: {e}")),
+            _ => LedgerError::Other(format!("SQLite: {e}")),
+        }
+    }
+}
+
+// === connection threads ===
+
+/// One unit of work for a connection thread, with its reply channel.
+trait Command: Send {
+    /// Runs the work; the returned reply is sent once the outcome is committed.
+    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Reply>;
+    /// Answers without running (the transaction could not start).
+    fn abort(self: Box<Self>, err: LedgerError);
+}
+
+/// The result of a command that ran, waiting for its transaction to end.
+trait Reply: Send {
+    fn failed(&self) -> bool;
+    /// Sends the result; a success whose transaction did not commit becomes `lost`.
+    fn send(self: Box<Self>, lost: Option<&LedgerError>);
+}
+
+struct Call<T, F> {
+    work: F,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Command for Call<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Reply> {
+        let Call { work, reply } = *self;
+        Box::new(Ran { result: work(conn), reply })
+    }
+
+    fn abort(self: Box<Self>, err: LedgerError) {
+        // The caller may have gone away (its future was dropped): nothing to tell.
+        let _ = self.reply.send(Err(err));
+    }
+}
+
+struct Ran<T> {
+    result: Result<T>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T: Send> Reply for Ran<T> {
+    fn failed(&self) -> bool {
+        self.result.is_err()
+    }
+
+    fn send(self: Box<Self>, lost: Option<&LedgerError>) {
+        let result = match (self.result, lost) {
+            (Ok(_), Some(e)) => Err(copy_error(e)),
+            (result, _) => result,
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+fn copy_error(e: &LedgerError) -> LedgerError {
+    match e {
+        LedgerError::Unavailable(m) => LedgerError::Unavailable(m.clone()),
+        LedgerError::NoSuchKey(k) => LedgerError::NoSuchKey(k.clone()),
+        LedgerError::Overflow => LedgerError::Overflow,
+        LedgerError::Other(m) => LedgerError::Other(m.clone()),
+    }
+}
+
+fn stopped() -> LedgerError {
+    LedgerError::Unavailable("the SQLite ledger thread stopped; see the logs above".into())
+}
+
+type Queue = mpsc::Receiver<Box<dyn Command>>;
+
+/// A connection thread and the channel feeding it.
+struct Worker {
+    queue: Option<mpsc::Sender<Box<dyn Command>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(name: &str, body: impl FnOnce(Queue) + Send + 'static) -> Result<Worker> {
+        let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(rx))
+            .map_err(|e| LedgerError::Other(format!("cannot start thread {name}: {e}")))?;
+        Ok(Worker { queue: Some(queue), thread: Some(thread) })
+    }
+
+    async fn call<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let queue = self.queue.as_ref().ok_or_else(stopped)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send(Box::new(Call { work, reply })).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once the queued commands ran; joining
+        // makes "dropped" mean "database closed" (the file can be reopened or removed).
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write_loop(conn: &Connection, mut queue: Queue, commits: &AtomicU64) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        run_batch(conn, &mut batch, commits);
+    }
+}
+
+fn read_loop(conn: &Connection, mut queue: Queue) {
+    while let Some(command) = queue.blocking_recv() {
+        // A panicking command drops its reply channel: its caller gets `Unavailable`.
+        if let Ok(reply) = catch_unwind(AssertUnwindSafe(|| command.run(conn))) {
+            reply.send(None);
+        }
+    }
+}
+
+/// Runs `batch` (draining it) in one write transaction, each command in a savepoint.
+fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Command>>, commits: &AtomicU64) {
+    let mut ran: Vec<Box<dyn Reply>> = Vec::with_capacity(batch.len());
+    let mut open = false;
+    for command in batch.drain(..) {
+        if !open {
+            if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+                command.abort(e.into());
+                continue;
+            }
+            open = true;
+        }
+        if let Err(e) = conn.execute_batch("SAVEPOINT command") {
+            command.abort(e.into());
+        } else {
+            let outcome = catch_unwind(AssertUnwindSafe(|| command.run(conn)));
+            let keep = matches!(&outcome, Ok(reply) if !reply.failed());
+            let ended = if keep {
+                conn.execute_batch("RELEASE command")
+            } else {
+                conn.execute_batch("ROLLBACK TO command; RELEASE command")
+            };
+            // A panicked command dropped its reply channel: its caller gets `Unavailable`.
+            if let Ok(reply) = outcome {
+                ran.push(reply);
+            }
+            if ended.is_ok() && !conn.is_autocommit() {
+                continue;
+            }
+        }
+        // The transaction is gone or unusable: SQLite rolls it back itself on some
+        // errors (I/O, disk full). The commands before this one were undone too.
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let lost = LedgerError::Unavailable(
+            "SQLite rolled the ledger transaction back (I/O error or disk full?); retry".into(),
+        );
+        for reply in ran.drain(..) {
+            reply.send(Some(&lost));
+        }
+        open = false;
+    }
+    if !open {
+        return;
+    }
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => {
+            commits.fetch_add(1, Ordering::Relaxed);
+            for reply in ran {
+                reply.send(None);
+            }
+        }
+        Err(e) => {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            let lost = LedgerError::from(e);
+            for reply in ran {
+                reply.send(Some(&lost));
+            }
+        }
+    }
+}
+
+// === SQL helpers ===
+
+fn now() -> i64 {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+fn seconds(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn to_db(amount: Micros) -> Result<i64> {
+    i64::try_from(amount.get()).map_err(|_| LedgerError::Overflow)
+}
+
+/// (id, revoked, balance) of the key with this secret.
+fn key_by_secret(conn: &Connection, secret: &SecretHash) -> Result<Option<(String, bool, Micros)>> {
+    let row = conn
+        .prepare_cached("SELECT id, revoked, balance FROM keys WHERE secret_hash = ?1")?
+        .query_row([&secret.0[..]], |r| Ok((r.get(0)?, r.get(1)?, Micros(r.get(2)?))))
+        .optional()?;
+    Ok(row)
+}
+
+fn is_debit(conn: &Connection, hold: HoldId) -> Result<bool> {
+    let found = conn.prepare_cached("SELECT 1 FROM transactions WHERE id = ?1 AND kind = 'debit'")?.exists([hold.0])?;
+    Ok(found)
+}
+
+fn no_hold(hold: HoldId) -> LedgerError {
+    LedgerError::Other(format!("no hold with id {}", hold.0))
+}
+
+/// Releases `hold` if it is still pending: the amount goes back to the balance and a
+/// `refund` row records it. Returns whether it was pending.
+fn release_pending(conn: &Connection, hold: i64, now: i64) -> Result<bool> {
+    let row = conn
+        .prepare_cached(
+            "UPDATE transactions SET status = 'released'
+             WHERE id = ?1 AND kind = 'debit' AND status = 'pending'
+             RETURNING key_id, amount, route, request_id",
+        )?
+        .query_row([hold], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((key_id, amount, route, request_id)) = row else {
+        return Ok(false);
+    };
+    conn.prepare_cached("UPDATE keys SET balance = balance + ?2 WHERE id = ?1")?.execute(params![key_id, amount])?;
+    conn.prepare_cached(
+        "INSERT INTO transactions (key_id, kind, amount, route, request_id, created_at)
+         VALUES (?1, 'refund', ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![key_id, amount, route, request_id, now])?;
+    Ok(true)
+}
+
+fn insert_credit(conn: &Connection, key_id: &str, amount: i64, idem: Option<&str>, now: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO transactions (key_id, kind, amount, idempotency_key, created_at)
+         VALUES (?1, 'credit', ?2, ?3, ?4)",
+    )?
+    .execute(params![key_id, amount, idem, now])?;
+    Ok(())
+}
+
+fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
+    Ok(KeyInfo {
+        id: r.get(0)?,
+        label: r.get(1)?,
+        balance: Micros(r.get(2)?),
+        revoked: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+const KEY_COLUMNS: &str = "id, label, balance, revoked, created_at";
+
+fn transaction(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> {
+    let kind: String = r.get(2)?;
+    let kind = match kind.as_str() {
+        "credit" => TxKind::Credit,
+        "debit" => TxKind::Debit,
+        "refund" => TxKind::Refund,
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                2,
+                rusqlite::types::Type::Text,
+                format!("unknown transaction kind {other:?}").into(),
+            ))
+        }
+    };
+    Ok(Transaction {
+        id: r.get(0)?,
+        key_id: r.get(1)?,
+        kind,
+        amount: Micros(r.get(3)?),
+        route: r.get(4)?,
+        request_id: r.get(5)?,
+        status: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
+const TX_COLUMNS: &str = "id, key_id, kind, amount, route, request_id, status, created_at";
+
+// === impl Ledger ===
+
+#[async_trait]
+impl Ledger for SqliteLedger {
+    async fn create_key(&self, label: Option<&str>, balance: Micros) -> Result<NewKey> {
+        let opening = to_db(balance)?;
+        let (id, secret) = generate_key();
+        // Only the hash crosses to the writer: the secret is never stored.
+        let hash = SecretHash::of(&secret);
+        let label = label.map(str::to_owned);
+        let key_id = id.clone();
+        self.write(move |conn| {
+            let now = now();
+            conn.prepare_cached(
+                "INSERT INTO keys (id, secret_hash, label, balance, revoked, created_at)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+            )?
+            .execute(params![key_id, &hash.0[..], label, opening, now])?;
+            if opening > 0 {
+                insert_credit(conn, &key_id, opening, None, now)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(NewKey { id, key: secret, balance })
+    }
+
+    async fn key(&self, id: &str) -> Result<Option<KeyInfo>> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
+            Ok(conn.prepare_cached(&sql)?.query_row([&id], key_info).optional()?)
+        })
+        .await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        self.read(|conn| {
+            let sql = format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY rowid");
+            let keys = conn.prepare_cached(&sql)?.query_map([], key_info)?.collect::<rusqlite::Result<_>>()?;
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn revoke(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let n = conn.prepare_cached("UPDATE keys SET revoked = 1 WHERE id = ?1")?.execute([&id])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn credit(&self, id: &str, amount: Micros, idempotency_key: Option<&str>) -> Result<CreditOutcome> {
+        let delta = to_db(amount)?;
+        if delta == 0 {
+            return Err(LedgerError::Other("a credit must be a positive amount".into()));
+        }
+        let id = id.to_owned();
+        let idem = idempotency_key.map(str::to_owned);
+        self.write(move |conn| {
+            let balance: Option<u64> = conn
+                .prepare_cached("SELECT balance FROM keys WHERE id = ?1")?
+                .query_row([&id], |r| r.get(0))
+                .optional()?;
+            let Some(balance) = balance else {
+                return Err(LedgerError::NoSuchKey(id));
+            };
+            if let Some(idem) = &idem {
+                let seen = conn
+                    .prepare_cached("SELECT 1 FROM transactions WHERE key_id = ?1 AND idempotency_key = ?2")?
+                    .exists(params![id, idem])?;
+                if seen {
+                    return Ok(CreditOutcome { balance: Micros(balance), applied: false });
+                }
+            }
+            let new_balance =
+                balance.checked_add(amount.get()).filter(|b| i64::try_from(*b).is_ok()).ok_or(LedgerError::Overflow)?;
+            conn.prepare_cached("UPDATE keys SET balance = balance + ?2 WHERE id = ?1")?.execute(params![id, delta])?;
+            insert_credit(conn, &id, delta, idem.as_deref(), now())?;
+            Ok(CreditOutcome { balance: Micros(new_balance), applied: true })
+        })
+        .await
+    }
+
+    /// Outcomes are checked in this order: unknown key, revoked, spend cap, balance.
+    /// The spend cap counts debits taken in the window that are pending or captured: a
+    /// released hold is not spending (its refund cancels it).
+    async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome> {
+        let amount = to_db(req.amount)?;
+        if amount == 0 {
+            return Err(LedgerError::Other("a hold must be for a positive amount (free routes take no hold)".into()));
+        }
+        let HoldRequest { secret, amount: requested, spend_cap, .. } = req;
+        let cap = spend_cap.map(|(cap, window)| (cap, seconds(window)));
+        let route = req.route.to_owned();
+        let request_id = req.request_id.to_owned();
+        self.write(move |conn| {
+            let now = now();
+            if let Some((cap, window)) = cap {
+                let Some((key_id, revoked, _)) = key_by_secret(conn, &secret)? else {
+                    return Ok(HoldOutcome::UnknownKey);
+                };
+                if revoked {
+                    return Ok(HoldOutcome::Revoked { key_id });
+                }
+                let spent: u64 = conn
+                    .prepare_cached(
+                        "SELECT coalesce(sum(amount), 0) FROM transactions
+                         WHERE key_id = ?1 AND created_at >= ?2
+                           AND kind = 'debit' AND status IN ('pending', 'captured')",
+                    )?
+                    .query_row(params![key_id, now.saturating_sub(window)], |r| r.get(0))?;
+                let spent = Micros(spent);
+                if spent.checked_add(requested).is_none_or(|total| total > cap) {
+                    return Ok(HoldOutcome::SpendCapReached { key_id, spent, cap });
+                }
+            }
+            // The atomic conditional debit: the balance never goes below zero.
+            let held = conn
+                .prepare_cached(
+                    "UPDATE keys SET balance = balance - ?1
+                     WHERE secret_hash = ?2 AND revoked = 0 AND balance >= ?1
+                     RETURNING id, balance",
+                )?
+                .query_row(params![amount, &secret.0[..]], |r| Ok((r.get::<_, String>(0)?, Micros(r.get(1)?))))
+                .optional()?;
+            let Some((key_id, balance)) = held else {
+                return Ok(match key_by_secret(conn, &secret)? {
+                    None => HoldOutcome::UnknownKey,
+                    Some((key_id, true, _)) => HoldOutcome::Revoked { key_id },
+                    Some((key_id, false, balance)) => HoldOutcome::Insufficient { key_id, balance },
+                });
+            };
+            conn.prepare_cached(
+                "INSERT INTO transactions (key_id, kind, amount, route, request_id, status, created_at)
+                 VALUES (?1, 'debit', ?2, ?3, ?4, 'pending', ?5)",
+            )?
+            .execute(params![key_id, amount, route, request_id, now])?;
+            Ok(HoldOutcome::Held { hold: HoldId(conn.last_insert_rowid()), key_id, balance })
+        })
+        .await
+    }
+
+    async fn capture(&self, hold: HoldId) -> Result<()> {
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached("UPDATE transactions SET status = 'captured' WHERE id = ?1 AND kind = 'debit' AND status = 'pending'")?
+                .execute([hold.0])?;
+            // Already captured or released: nothing to do (idempotent).
+            if n == 0 && !is_debit(conn, hold)? {
+                return Err(no_hold(hold));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release(&self, hold: HoldId) -> Result<()> {
+        self.write(move |conn| {
+            // Already released or captured: nothing to do (idempotent).
+            if !release_pending(conn, hold.0, now())? && !is_debit(conn, hold)? {
+                return Err(no_hold(hold));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release_stale_holds(&self, older_than: Duration) -> Result<u64> {
+        let age = seconds(older_than);
+        self.write(move |conn| {
+            let now = now();
+            // Zero means every pending hold, even one stamped in the future by a clock
+            // that has since stepped back.
+            let cutoff = if age == 0 { i64::MAX } else { now.saturating_sub(age) };
+            let stale = conn
+                .prepare_cached(
+                    "SELECT id FROM transactions
+                     WHERE kind = 'debit' AND status = 'pending' AND created_at <= ?1",
+                )?
+                .query_map([cutoff], |r| r.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut released = 0;
+            for hold in stale {
+                if release_pending(conn, hold, now)? {
+                    released += 1;
+                }
+            }
+            Ok(released)
+        })
+        .await
+    }
+
+    async fn transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let key = key.map(str::to_owned);
+        self.read(move |conn| {
+            let rows = match &key {
+                Some(key) => {
+                    let sql =
+                        format!("SELECT {TX_COLUMNS} FROM transactions WHERE key_id = ?1 ORDER BY id DESC LIMIT ?2");
+                    conn.prepare_cached(&sql)?
+                        .query_map(params![key, limit], transaction)?
+                        .collect::<rusqlite::Result<_>>()?
+                }
+                None => {
+                    let sql = format!("SELECT {TX_COLUMNS} FROM transactions ORDER BY id DESC LIMIT ?1");
+                    conn.prepare_cached(&sql)?.query_map([limit], transaction)?.collect::<rusqlite::Result<_>>()?
+                }
+            };
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn reserve_nonce(&self, payer: &str, nonce: &str, valid_before: u64) -> Result<bool> {
+        let valid_before = i64::try_from(valid_before).map_err(|_| LedgerError::Overflow)?;
+        let payer = payer.to_lowercase();
+        let nonce = nonce.to_lowercase();
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached("INSERT OR IGNORE INTO x402_nonces (payer, nonce, valid_before) VALUES (?1, ?2, ?3)")?
+                .execute(params![payer, nonce, valid_before])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn purge_nonces(&self, now: u64) -> Result<u64> {
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        self.write(move |conn| {
+            let n = conn.prepare_cached("DELETE FROM x402_nonces WHERE valid_before < ?1")?.execute([now])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn record_settlement(&self, s: &Settlement) -> Result<()> {
+        let amount = i64::try_from(s.amount).map_err(|_| LedgerError::Overflow)?;
+        let s = s.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO settlements
+                     (rail, payer, amount, asset, network, tx_hash, route, request_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                s.rail,
+                s.payer,
+                amount,
+                s.asset,
+                s.network,
+                s.tx_hash,
+                s.route,
+                s.request_id,
+                now()
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn settlements(&self, limit: usize) -> Result<Vec<Settlement>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT rail, payer, amount, asset, network, tx_hash, route, request_id
+                     FROM settlements ORDER BY id DESC LIMIT ?1",
+                )?
+                .query_map([limit], |r| {
+                    Ok(Settlement {
+                        rail: r.get(0)?,
+                        payer: r.get(1)?,
+                        amount: r.get(2)?,
+                        asset: r.get(3)?,
+                        network: r.get(4)?,
+                        tx_hash: r.get(5)?,
+                        route: r.get(6)?,
+                        request_id: r.get(7)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.write(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO health (id, checked_at) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+            )?
+            .execute([now()])?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER NOT NULL CHECK (x >= 0))").unwrap();
+        conn
+    }
+
+    fn insert(x: i64) -> impl FnOnce(&Connection) -> Result<()> + Send + 'static {
+        move |conn| {
+            conn.execute("INSERT INTO t (x) VALUES (?1)", [x])?;
+            Ok(())
+        }
+    }
+
+    fn command<T, F>(work: F) -> (Box<dyn Command>, oneshot::Receiver<Result<T>>)
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        (Box::new(Call { work, reply }), answer)
+    }
+
+    fn rows(conn: &Connection) -> Vec<i64> {
+        let mut stmt = conn.prepare("SELECT x FROM t ORDER BY x").unwrap();
+        stmt.query_map([], |r| r.get(0)).unwrap().collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    #[test]
+    fn a_failing_command_rolls_back_alone_and_the_batch_commits_once() {
+        let conn = scratch();
+        let commits = AtomicU64::new(0);
+        let (a, mut a_answer) = command(insert(1));
+        // Writes, then fails: its own write must be undone.
+        let (b, mut b_answer) = command(|conn: &Connection| -> Result<()> {
+            conn.execute("INSERT INTO t (x) VALUES (2)", [])?;
+            conn.execute("INSERT INTO t (x) VALUES (-1)", [])?;
+            Ok(())
+        });
+        let (c, mut c_answer) = command(insert(3));
+        run_batch(&conn, &mut vec![a, b, c], &commits);
+
+        assert_eq!(commits.load(Ordering::Relaxed), 1);
+        assert!(a_answer.try_recv().unwrap().is_ok());
+        assert!(matches!(b_answer.try_recv().unwrap(), Err(LedgerError::Other(_))));
+        assert!(c_answer.try_recv().unwrap().is_ok());
+        assert_eq!(rows(&conn), [1, 3]);
+        assert!(conn.is_autocommit(), "the batch transaction is closed");
+    }
+
+    #[test]
+    fn a_panicking_command_answers_unavailable_and_the_others_commit() {
+        let conn = scratch();
+        let commits = AtomicU64::new(0);
+        let (a, mut a_answer) = command(insert(1));
+        let (b, b_answer) = command(|conn: &Connection| -> Result<()> {
+            conn.execute("INSERT INTO t (x) VALUES (2)", [])?;
+            panic!("a bug in one command");
+        });
+        let (c, mut c_answer) = command(insert(3));
+        run_batch(&conn, &mut vec![a, b, c], &commits);
+
+        assert!(a_answer.try_recv().unwrap().is_ok());
+        assert!(c_answer.try_recv().unwrap().is_ok());
+        // Its reply channel was dropped: `Worker::call` maps that to `Unavailable`.
+        assert!(b_answer.blocking_recv().is_err());
+        assert_eq!(rows(&conn), [1, 3]);
+        assert_eq!(commits.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_failed_commit_fails_every_command_of_the_batch() {
+        let conn = scratch();
+        conn.execute_batch(
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY);
+             CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
+             PRAGMA foreign_keys = ON;",
+        )
+        .unwrap();
+        let commits = AtomicU64::new(0);
+        let (a, mut a_answer) = command(insert(1));
+        // A deferred foreign key violation only shows at COMMIT.
+        let (b, mut b_answer) = command(|conn: &Connection| -> Result<()> {
+            conn.execute("INSERT INTO child (p) VALUES (42)", [])?;
+            Ok(())
+        });
+        run_batch(&conn, &mut vec![a, b], &commits);
+
+        assert_eq!(commits.load(Ordering::Relaxed), 0);
+        assert!(a_answer.try_recv().unwrap().is_err());
+        assert!(b_answer.try_recv().unwrap().is_err());
+        assert_eq!(rows(&conn), Vec::<i64>::new());
+        assert!(conn.is_autocommit());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commands_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(SqliteLedger::open(&dir.path().join("l.db"), SqliteOptions::default()).unwrap());
+        let before = ledger.commit_count();
+        let n = 1000;
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move { ledger.ping().await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let commits = ledger.commit_count() - before;
+        assert!(commits >= 1 && commits < n, "{n} commands took {commits} commits");
+    }
+
+    #[test]
+    fn amounts_beyond_i64_are_refused() {
+        assert!(matches!(to_db(Micros(u64::MAX)), Err(LedgerError::Overflow)));
+        assert_eq!(to_db(Micros(i64::MAX as u64)).unwrap(), i64::MAX);
+    }
+}

@@ -1,0 +1,414 @@
+//! The payment gate as a tower layer (see the module docs of `payment`).
+//!
+//! Shaped like tower-http's `AsyncRequireAuthorization`: the service either calls the
+//! inner service with the verified payment in the request's extensions, or answers
+//! with the refusal itself. The inner service is never called for an unpaid request.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service, ServiceExt};
+
+use super::challenge::{self, Refusal};
+use super::ratelimit::Limiter;
+use super::{Charge, Denial, Grant, Paid, Rails, Reason};
+use crate::config::{parse_rate, ChargeOn, Config};
+use crate::metrics::{Metrics, RailLabel, RouteRail, RouteRailResult, RouteReason};
+use crate::route::{Route, RouteTable};
+use crate::Body;
+
+/// Per-request facts the gateway puts in the extensions before the payment layer.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub route: Arc<Route>,
+    pub client_ip: IpAddr,
+}
+
+/// Marks a response tollgate made up itself (upstream unreachable or too slow):
+/// the upstream never answered, so nothing is charged whatever `charge_on` says.
+#[derive(Debug, Clone, Copy)]
+pub struct Synthetic;
+
+/// The configured gate: rails, limits and pre-resolved metric handles. Built once per
+/// config snapshot.
+pub struct PaymentGate {
+    rails: Rails,
+    public_base: String,
+    topup_url: Option<String>,
+    routes: HashMap<usize, RouteGate>,
+    all_credential_headers: Vec<HeaderName>,
+}
+
+impl std::fmt::Debug for PaymentGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentGate").field("rails", &self.rails).finish()
+    }
+}
+
+struct RouteGate {
+    per_key: Option<Limiter>,
+    per_ip: Option<Limiter>,
+    required: Vec<Counter>,
+    rails: Vec<RailHandles>,
+}
+
+struct RailHandles {
+    name: &'static str,
+    success: Counter,
+    refunded: Counter,
+    rejected: Counter,
+    failed: Counter,
+    revenue: Counter,
+    verify: Histogram,
+    settle: Histogram,
+}
+
+impl PaymentGate {
+    pub fn new(cfg: &Config, routes: &RouteTable, rails: Rails, metrics: &Metrics) -> PaymentGate {
+        let mut gates = HashMap::new();
+        for route in routes.iter().filter(|r| !r.is_free()) {
+            let name = route.name.to_string();
+            let rl = route.config.rate_limit.as_ref();
+            let limiter = |v: Option<&String>| {
+                let (n, p) = parse_rate(v?).ok()?;
+                Some(Limiter::new(n, p, rl.and_then(|r| r.burst)))
+            };
+            let required = Reason::ALL
+                .iter()
+                .map(|r| {
+                    metrics
+                        .payment_required
+                        .get_or_create(&RouteReason { route: name.clone(), reason: r.as_str() })
+                        .clone()
+                })
+                .collect();
+            let rail_handles = rails
+                .iter()
+                .map(|rail| {
+                    let n = rail.name();
+                    let result = |res: &'static str| {
+                        metrics
+                            .payments
+                            .get_or_create(&RouteRailResult { route: name.clone(), rail: n, result: res })
+                            .clone()
+                    };
+                    RailHandles {
+                        name: n,
+                        success: result("success"),
+                        refunded: result("refunded"),
+                        rejected: result("rejected"),
+                        failed: result("failed"),
+                        revenue: metrics
+                            .revenue_micros
+                            .get_or_create(&RouteRail { route: name.clone(), rail: n })
+                            .clone(),
+                        verify: metrics.verify_duration.get_or_create(&RailLabel { rail: n }).clone(),
+                        settle: metrics.settle_duration.get_or_create(&RailLabel { rail: n }).clone(),
+                    }
+                })
+                .collect();
+            gates.insert(
+                route.index,
+                RouteGate {
+                    per_key: limiter(rl.and_then(|r| r.per_key.as_ref())),
+                    per_ip: limiter(rl.and_then(|r| r.per_ip.as_ref())),
+                    required,
+                    rails: rail_handles,
+                },
+            );
+        }
+        let all_credential_headers = rails.iter().flat_map(|r| r.credential_headers().iter().cloned()).collect();
+        PaymentGate {
+            rails,
+            public_base: cfg.public_base(),
+            topup_url: cfg.credits.topup_url.clone(),
+            routes: gates,
+            all_credential_headers,
+        }
+    }
+
+    fn refuse<B>(
+        &self,
+        req: &Request<B>,
+        ctx: &RequestCtx,
+        charge: &Charge<'_>,
+        denial: Denial,
+        gate: Option<&RouteGate>,
+    ) -> Response<Body> {
+        if let Some(g) = gate {
+            if let Some(c) = Reason::ALL.iter().position(|r| *r == denial.reason).and_then(|i| g.required.get(i)) {
+                c.inc();
+            }
+        }
+        tracing::info!(
+            request_id = %ctx.request_id,
+            route = %ctx.route.name,
+            reason = denial.reason.as_str(),
+            cause = denial.cause.as_deref().unwrap_or(""),
+            "payment refused"
+        );
+        let parts = ctx
+            .route
+            .accept
+            .iter()
+            .filter_map(|name| self.rails.get(name))
+            .map(|rail| rail.challenge(charge, &denial))
+            .collect();
+        let refusal = Refusal {
+            public_base: &self.public_base,
+            route: &ctx.route.name,
+            price: charge.price,
+            request_id: &ctx.request_id,
+            instance: req.uri().path(),
+            topup_url: self.topup_url.as_deref(),
+        };
+        challenge::render(&refusal, &denial, parts, challenge::prefers_html(req.headers()))
+    }
+
+    /// The whole gate for one priced request.
+    async fn run<S, B>(self: Arc<Self>, ctx: Arc<RequestCtx>, mut req: Request<B>, inner: S) -> Response<Body>
+    where
+        S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
+    {
+        let route = &ctx.route;
+        let price = route.price.unwrap_or_default();
+        let resource = format!("{}{}", self.public_base, req.uri().path());
+        let charge =
+            Charge { route, price, request_id: &ctx.request_id, client_ip: ctx.client_ip, resource: &resource };
+        let gate = self.routes.get(&route.index);
+
+        if let Some(Err(secs)) = gate.and_then(|g| g.per_ip.as_ref()).map(|l| l.check(ctx.client_ip)) {
+            let d = Denial::new(Reason::RateLimited, "Too many requests from this address.").retry_after(secs);
+            return self.refuse(&req, &ctx, &charge, d, gate);
+        }
+
+        let chosen = route.accept.iter().filter_map(|n| self.rails.get(n)).find(|r| r.present(req.headers()));
+        let Some(rail) = chosen else {
+            let other =
+                self.rails.iter().find(|r| !route.accept.iter().any(|a| a == r.name()) && r.present(req.headers()));
+            let d = match other {
+                Some(r) => Denial::new(
+                    Reason::PaymentMethodUnsupported,
+                    format!(
+                        "Route {} does not accept {}; it accepts {}.",
+                        route.name,
+                        r.name(),
+                        route.accept.join(", ")
+                    ),
+                ),
+                None => Denial::new(
+                    Reason::PaymentMissing,
+                    format!(
+                        "Route {} costs {price} USD per request; pay with {}.",
+                        route.name,
+                        route.accept.join(" or ")
+                    ),
+                ),
+            };
+            return self.refuse(&req, &ctx, &charge, d, gate);
+        };
+        let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == rail.name()));
+
+        if let Some(limiter) = gate.and_then(|g| g.per_key.as_ref()) {
+            let mut h = Sha256::new();
+            for name in rail.credential_headers() {
+                if let Some(v) = req.headers().get(name) {
+                    h.update(v.as_bytes());
+                }
+            }
+            let key: [u8; 32] = h.finalize().into();
+            if let Err(secs) = limiter.check(key) {
+                let d = Denial::new(Reason::RateLimited, "Too many requests for this credential.").retry_after(secs);
+                return self.refuse(&req, &ctx, &charge, d, gate);
+            }
+        }
+
+        let started = Instant::now();
+        let result = rail.authorize(&charge, req.headers()).await;
+        if let Some(h) = handles {
+            h.verify.observe(started.elapsed().as_secs_f64());
+        }
+        let grant = match result {
+            Ok(g) => g,
+            Err(d) => {
+                if let Some(h) = handles {
+                    if d.reason == Reason::PaymentBackendUnavailable {
+                        h.failed.inc();
+                    } else {
+                        h.rejected.inc();
+                    }
+                }
+                return self.refuse(&req, &ctx, &charge, d, gate);
+            }
+        };
+        let mut guard = GrantGuard(Some(grant));
+
+        let headers = req.headers_mut();
+        for name in &self.all_credential_headers {
+            headers.remove(name);
+        }
+        let g = guard.0.as_ref().map(|g| (g.rail(), g.payer().to_owned(), g.paid()));
+        if let Some((rail_name, payer, paid)) = g {
+            if let Ok(v) = HeaderValue::from_str(&route.name) {
+                headers.insert(HeaderName::from_static("x-tollgate-route"), v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&payer) {
+                headers.insert(HeaderName::from_static("x-tollgate-payer"), v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&paid) {
+                headers.insert(HeaderName::from_static("x-tollgate-paid"), v);
+            }
+            req.extensions_mut().insert(Paid { rail: rail_name, payer });
+        }
+        let uri_path = req.uri().path().to_owned();
+        let accept_html = challenge::prefers_html(req.headers());
+
+        let Ok(mut res) = inner.oneshot(req).await;
+
+        let grant = guard.take();
+        let chargeable = res.extensions().get::<Synthetic>().is_none()
+            && (route.charge_on == ChargeOn::Always || res.status().as_u16() < 500);
+        if !chargeable {
+            grant.release().await;
+            if let Some(h) = handles {
+                h.refunded.inc();
+            }
+            return res;
+        }
+        let started = Instant::now();
+        let committed = grant.commit(res.status()).await;
+        if let Some(h) = handles {
+            h.settle.observe(started.elapsed().as_secs_f64());
+        }
+        match committed {
+            Ok(receipt) => {
+                if let Some(h) = handles {
+                    if receipt.revenue > 0 {
+                        h.success.inc();
+                        h.revenue.inc_by(receipt.revenue);
+                    } else {
+                        h.refunded.inc();
+                    }
+                }
+                let expose: Vec<&str> = receipt.headers.iter().map(|(k, _)| k.as_str()).collect();
+                let expose = expose.join(", ");
+                let rh = res.headers_mut();
+                for (k, v) in receipt.headers {
+                    rh.insert(k, v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&expose) {
+                    if !expose.is_empty() {
+                        rh.append(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+                    }
+                }
+                res
+            }
+            Err(d) => {
+                if let Some(h) = handles {
+                    h.failed.inc();
+                }
+                // The upstream body is dropped unread: the caller does not get what it
+                // was not charged for.
+                let mut fake = Request::new(());
+                *fake.uri_mut() = uri_path.parse().unwrap_or_default();
+                if accept_html {
+                    fake.headers_mut().insert(http::header::ACCEPT, HeaderValue::from_static("text/html"));
+                }
+                self.refuse(&fake, &ctx, &charge, d, gate)
+            }
+        }
+    }
+}
+
+/// Releases a grant whose request was abandoned (client gone, task cancelled).
+struct GrantGuard(Option<Box<dyn Grant>>);
+
+impl GrantGuard {
+    fn take(&mut self) -> Box<dyn Grant> {
+        self.0.take().expect("grant taken once")
+    }
+}
+
+impl Drop for GrantGuard {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(g.release());
+            }
+        }
+    }
+}
+
+// === impl PaymentLayer ===
+
+#[derive(Clone, Debug)]
+pub struct PaymentLayer {
+    gate: Arc<PaymentGate>,
+}
+
+impl PaymentLayer {
+    pub fn new(gate: Arc<PaymentGate>) -> PaymentLayer {
+        PaymentLayer { gate }
+    }
+}
+
+impl<S> Layer<S> for PaymentLayer {
+    type Service = PaymentService<S>;
+    fn layer(&self, inner: S) -> PaymentService<S> {
+        PaymentService { gate: self.gate.clone(), inner }
+    }
+}
+
+// === impl PaymentService ===
+
+#[derive(Clone, Debug)]
+pub struct PaymentService<S> {
+    gate: Arc<PaymentGate>,
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for PaymentService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The clone is the one polled ready; the original stays for the next call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            let Some(ctx) = req.extensions().get::<Arc<RequestCtx>>().cloned() else {
+                // Without a matched route the gate cannot know the price: fail closed.
+                let mut res = Response::new(crate::empty());
+                *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(res);
+            };
+            if ctx.route.is_free() {
+                return inner.oneshot(req).await;
+            }
+            Ok(gate.run(ctx, req, inner).await)
+        })
+    }
+}

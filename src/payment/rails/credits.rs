@@ -1,0 +1,279 @@
+//! Prepaid credits: an API key with a balance (RFC 6750 bearer token).
+//!
+//! The key arrives as `Authorization: Bearer <key>` (the header is configurable) or
+//! `X-API-Key: <key>`. Only its SHA-256 is looked up. The ledger holds the price
+//! atomically before forwarding, captures it when the upstream answered, and releases
+//! it when the upstream failed (DESIGN §5).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::header::{self, HeaderName, HeaderValue};
+use http::HeaderMap;
+use serde_json::json;
+
+use crate::config::CreditsConfig;
+use crate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, KEY_PREFIX};
+use crate::metrics::Metrics;
+use crate::money::Micros;
+use crate::payment::{money_header, ChallengePart, Charge, Denial, Grant, Rail, Reason, Receipt};
+use crate::problem::html_escape;
+
+pub const NAME: &str = "credits";
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// Longest credential header value read at all; anything longer is malformed.
+const MAX_CREDENTIAL: usize = 256;
+
+pub struct Credits {
+    ledger: Arc<dyn Ledger>,
+    header: HeaderName,
+    header_display: String,
+    headers: Vec<HeaderName>,
+    topup_url: Option<String>,
+    spend_cap: Option<(Micros, Duration)>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Credits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credits").field("header", &self.header).finish()
+    }
+}
+
+impl Credits {
+    pub fn new(cfg: &CreditsConfig, ledger: Arc<dyn Ledger>, metrics: Arc<Metrics>) -> Credits {
+        let header = HeaderName::from_bytes(cfg.header.as_bytes()).unwrap_or(header::AUTHORIZATION);
+        let mut headers = vec![header.clone()];
+        if header != X_API_KEY {
+            headers.push(X_API_KEY);
+        }
+        Credits {
+            ledger,
+            header_display: cfg.header.clone(),
+            header,
+            headers,
+            topup_url: cfg.topup_url.clone(),
+            spend_cap: cfg.spend_cap.as_deref().and_then(|c| crate::config::parse_spend_cap(c).ok()),
+            metrics,
+        }
+    }
+
+    fn bearer(&self) -> bool {
+        self.header == header::AUTHORIZATION
+    }
+
+    /// Extracts the key. `Ok(None)`: no credits credential at all.
+    fn key<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h str>, Denial> {
+        let malformed = |why: &str| {
+            Denial::new(Reason::PaymentMalformed, format!("The API key could not be read: {why}.")).rail(NAME)
+        };
+        let (value, bearer) = match headers.get(&self.header) {
+            Some(v) => (v, self.bearer()),
+            None => match headers.get(X_API_KEY) {
+                Some(v) => (v, false),
+                None => return Ok(None),
+            },
+        };
+        if value.len() > MAX_CREDENTIAL {
+            return Err(malformed("the header value is too long"));
+        }
+        let s = value.to_str().map_err(|_| malformed("the header holds non-ASCII bytes"))?;
+        let key = if bearer {
+            let (scheme, rest) = s.trim().split_once(' ').ok_or_else(|| malformed("expected \"Bearer <key>\""))?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(Denial::new(
+                    Reason::PaymentMethodUnsupported,
+                    format!("Authorization scheme {scheme:?} is not accepted; send \"Bearer <key>\"."),
+                )
+                .rail(NAME));
+            }
+            rest.trim()
+        } else {
+            s.trim()
+        };
+        if !is_key_shape(key) {
+            return Err(malformed("keys look like tg_live_ followed by 40 hex digits"));
+        }
+        Ok(Some(key))
+    }
+}
+
+fn is_key_shape(k: &str) -> bool {
+    k.strip_prefix(KEY_PREFIX)
+        .is_some_and(|hex| hex.len() == 40 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+#[async_trait]
+impl Rail for Credits {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn present(&self, headers: &HeaderMap) -> bool {
+        headers.contains_key(&self.header) || headers.contains_key(X_API_KEY)
+    }
+
+    fn credential_headers(&self) -> &[HeaderName] {
+        &self.headers
+    }
+
+    async fn authorize(&self, charge: &Charge<'_>, headers: &HeaderMap) -> Result<Box<dyn Grant>, Denial> {
+        let Some(key) = self.key(headers)? else {
+            return Err(Denial::new(Reason::PaymentMissing, "No API key was sent.").rail(NAME));
+        };
+        let outcome = self
+            .ledger
+            .authorize(HoldRequest {
+                secret: SecretHash::of(key),
+                amount: charge.price,
+                route: &charge.route.name,
+                request_id: charge.request_id,
+                spend_cap: self.spend_cap,
+            })
+            .await
+            .map_err(|e| backend_down(&self.metrics, e))?;
+        let route = &charge.route.name;
+        match outcome {
+            HoldOutcome::Held { hold, key_id, balance } => Ok(Box::new(CreditsGrant {
+                ledger: self.ledger.clone(),
+                metrics: self.metrics.clone(),
+                hold,
+                key_id,
+                price: charge.price,
+                balance,
+            })),
+            HoldOutcome::UnknownKey => {
+                Err(Denial::new(Reason::PaymentInvalid, "The API key is not known.").cause("unknown_key").rail(NAME))
+            }
+            HoldOutcome::Revoked { key_id } => {
+                Err(Denial::new(Reason::PaymentInvalid, format!("The API key {key_id} has been revoked."))
+                    .cause("revoked_key")
+                    .rail(NAME))
+            }
+            HoldOutcome::Insufficient { balance, .. } => Err(Denial::new(
+                Reason::InsufficientFunds,
+                format!("Balance {balance} USD is below the price {} USD of route {route}.", charge.price),
+            )
+            .rail(NAME)),
+            HoldOutcome::SpendCapReached { spent, cap, .. } => {
+                let window = match self.spend_cap {
+                    Some((_, w)) if w.as_secs() <= 3600 => "hour",
+                    _ => "day",
+                };
+                Err(Denial::new(
+                    Reason::SpendCapReached,
+                    format!(
+                        "This key has spent {spent} USD of its {cap} USD cap per {window}; the price {} USD of route {route} would exceed it.",
+                        charge.price
+                    ),
+                )
+                .rail(NAME))
+            }
+        }
+    }
+
+    fn challenge(&self, _charge: &Charge<'_>, denial: &Denial) -> ChallengePart {
+        let mut part = ChallengePart::default();
+        let scheme = if self.bearer() { "Bearer" } else { "" };
+        let mut section = json!({ "header": self.header_display, "scheme": scheme });
+        if let Some(u) = &self.topup_url {
+            section["topup_url"] = json!(u);
+        }
+        part.body.insert("credits".into(), section);
+        if denial.reason.status() == http::StatusCode::PAYMENT_REQUIRED {
+            let v = format!("Bearer realm=\"tollgate\", error=\"{}\"", denial.reason.as_str());
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                part.headers.push((header::WWW_AUTHENTICATE, v));
+            }
+        }
+        let how = if self.bearer() {
+            "<pre>Authorization: Bearer tg_live_…</pre><p>or <code>X-API-Key: tg_live_…</code>.</p>".to_owned()
+        } else {
+            format!("<pre>{}: tg_live_…</pre>", html_escape(&self.header_display))
+        };
+        let topup = self
+            .topup_url
+            .as_deref()
+            .map(|u| format!("<p>Get or top up a key at <a href=\"{0}\">{0}</a>.</p>", html_escape(u)))
+            .unwrap_or_default();
+        part.html = format!(
+            "<section><h3>Prepaid credits (API key)</h3><p>Send your key with each request:</p>{how}{topup}</section>"
+        );
+        part
+    }
+}
+
+fn backend_down(metrics: &Metrics, e: LedgerError) -> Denial {
+    metrics.ledger_errors.inc();
+    tracing::warn!(error = %e, "ledger unavailable; refusing paid request");
+    Denial::new(Reason::PaymentBackendUnavailable, "The payment ledger is unavailable; nothing was charged.")
+        .cause("ledger_unavailable")
+        .rail(NAME)
+}
+
+struct CreditsGrant {
+    ledger: Arc<dyn Ledger>,
+    metrics: Arc<Metrics>,
+    hold: HoldId,
+    key_id: String,
+    price: Micros,
+    balance: Micros,
+}
+
+#[async_trait]
+impl Grant for CreditsGrant {
+    fn rail(&self) -> &'static str {
+        NAME
+    }
+
+    fn payer(&self) -> &str {
+        &self.key_id
+    }
+
+    fn paid(&self) -> String {
+        format!("{} USD", self.price)
+    }
+
+    async fn commit(self: Box<Self>, _status: http::StatusCode) -> Result<Receipt, Denial> {
+        if let Err(e) = self.ledger.capture(self.hold).await {
+            // The hold stays pending and is released by the stale-hold sweep: the
+            // caller gets no paid response, so it must not stay charged.
+            self.metrics.ledger_errors.inc();
+            tracing::warn!(error = %e, key_id = %self.key_id, "capture failed; withholding response");
+            return Err(Denial::new(
+                Reason::SettlementFailed,
+                "The charge could not be recorded, so the response was withheld; you will not be charged.",
+            )
+            .cause("ledger_unavailable")
+            .rail(NAME));
+        }
+        Ok(Receipt {
+            headers: vec![
+                (HeaderName::from_static("x-tollgate-charged"), money_header(self.price, "USD")),
+                (HeaderName::from_static("x-tollgate-balance"), money_header(self.balance, "USD")),
+            ],
+            revenue: self.price.get(),
+        })
+    }
+
+    async fn release(self: Box<Self>) {
+        if let Err(e) = self.ledger.release(self.hold).await {
+            self.metrics.ledger_errors.inc();
+            tracing::warn!(error = %e, key_id = %self.key_id, "release failed; the stale-hold sweep will refund it");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_shape_is_strict() {
+        assert!(is_key_shape(&format!("{KEY_PREFIX}{}", "a1".repeat(20))));
+        assert!(!is_key_shape(&format!("{KEY_PREFIX}{}", "A1".repeat(20))));
+        assert!(!is_key_shape(&format!("{KEY_PREFIX}{}", "a1".repeat(21))));
+        assert!(!is_key_shape("sk-abc"));
+    }
+}

@@ -1,0 +1,3 @@
+//! The rails: one module per way to pay.
+
+pub mod credits;

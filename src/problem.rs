@@ -1,0 +1,162 @@
+//! RFC 9457 problem details for the gateway's own answers.
+//!
+//! Every response tollgate makes up itself (no route, upstream down, upstream slow,
+//! payment problems) is `application/problem+json` whose `type` is a page tollgate
+//! serves at `{public_url}/.well-known/tollgate/problems/{code}`, so a person who
+//! follows the link learns what happened and how to fix it.
+
+use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::{json, Map, Value};
+
+use crate::Body;
+
+pub const PROBLEM_PATH: &str = "/.well-known/tollgate/problems/";
+
+/// What a problem code means, for the `title` and the explanatory page.
+#[derive(Debug, Clone, Copy)]
+pub struct ProblemDoc {
+    pub code: &'static str,
+    pub title: &'static str,
+    pub status: u16,
+    pub what: &'static str,
+    pub fix: &'static str,
+}
+
+pub const DOCS: &[ProblemDoc] = &[
+    ProblemDoc { code: "payment_missing", title: "Payment required", status: 402,
+        what: "The route is priced and the request carried no payment credential of any rail the route accepts.",
+        fix: "Send an API key as `Authorization: Bearer <key>` (or `X-API-Key`), or pay with x402 by answering the challenge in the `PAYMENT-REQUIRED` header with a `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1) header." },
+    ProblemDoc { code: "payment_malformed", title: "Malformed payment credential", status: 402,
+        what: "A payment credential was present but could not be decoded: bad base64 or JSON, wrong shape, or a value that is too large.",
+        fix: "Send the key exactly as it was issued, or let an official x402 client build the payment header." },
+    ProblemDoc { code: "payment_method_unsupported", title: "Payment method not accepted here", status: 402,
+        what: "The credential belongs to a rail, scheme, network or asset that this route does not accept.",
+        fix: "Use one of the methods listed in the challenge (`accepts`, `credits`)." },
+    ProblemDoc { code: "payment_invalid", title: "Payment credential invalid", status: 402,
+        what: "The key is unknown or revoked, or the payment's signature, recipient or amount is wrong.",
+        fix: "Check the key, or sign a fresh payment for the exact amount and recipient in the challenge." },
+    ProblemDoc { code: "payment_expired", title: "Payment authorization expired", status: 402,
+        what: "The payment authorization is outside its validity window (validAfter/validBefore).",
+        fix: "Sign a new payment and send it promptly; check the client's clock." },
+    ProblemDoc { code: "payment_replayed", title: "Payment already used", status: 402,
+        what: "This single-use payment was already presented.",
+        fix: "Sign a new payment with a fresh nonce for each request." },
+    ProblemDoc { code: "insufficient_funds", title: "Insufficient funds", status: 402,
+        what: "The key's balance, or the payer's token balance, is below the price of the route.",
+        fix: "Top up the key (see `credits.topup_url`) or fund the paying wallet." },
+    ProblemDoc { code: "spend_cap_reached", title: "Spend cap reached", status: 402,
+        what: "The key has spent its configured maximum for the current hour or day.",
+        fix: "Wait for the window to roll over, or ask the operator to raise the cap." },
+    ProblemDoc { code: "settlement_failed", title: "Settlement failed", status: 402,
+        what: "The payment was valid but charging or settling it failed, so the response was withheld.",
+        fix: "Retry with a new payment; if it keeps failing, quote the request_id to the operator." },
+    ProblemDoc { code: "payment_backend_unavailable", title: "Payment backend unavailable", status: 503,
+        what: "The ledger or the payment facilitator could not be reached in time. Nothing was charged and the request was not forwarded.",
+        fix: "Retry after the number of seconds in `Retry-After`." },
+    ProblemDoc { code: "rate_limited", title: "Too many requests", status: 429,
+        what: "The key or client address exceeded the route's rate limit.",
+        fix: "Slow down; retry after the number of seconds in `Retry-After`." },
+    ProblemDoc { code: "route_not_found", title: "No route", status: 404,
+        what: "No configured route matches this host, method and path.",
+        fix: "Check the URL and method against the API's documentation." },
+    ProblemDoc { code: "upstream_unavailable", title: "Upstream unavailable", status: 502,
+        what: "tollgate could not connect to the API behind it. Nothing was charged.",
+        fix: "Retry later; the operator should check the upstream." },
+    ProblemDoc { code: "upstream_timeout", title: "Upstream timed out", status: 504,
+        what: "The API behind tollgate did not answer in time. Nothing was charged.",
+        fix: "Retry later, or with a smaller request." },
+    ProblemDoc { code: "bad_request", title: "Bad request", status: 400,
+        what: "The request could not be forwarded as sent.",
+        fix: "Check the request's URL and headers." },
+];
+
+pub fn doc(code: &str) -> Option<&'static ProblemDoc> {
+    DOCS.iter().find(|d| d.code == code)
+}
+
+/// A problem+json response. `extra` members are added after the standard ones.
+pub fn problem_response(
+    public_base: &str,
+    code: &'static str,
+    status: StatusCode,
+    detail: String,
+    instance: &str,
+    request_id: &str,
+    extra: Map<String, Value>,
+) -> Response<Body> {
+    let title = doc(code).map(|d| d.title).unwrap_or("Error");
+    let mut body = json!({
+        "type": format!("{public_base}{PROBLEM_PATH}{code}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+        "instance": instance,
+        "request_id": request_id,
+    });
+    if let Value::Object(m) = &mut body {
+        m.extend(extra);
+    }
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut res = Response::new(crate::full(bytes));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// The page served at a problem `type` URL.
+pub fn problem_page(code: &str) -> Option<Response<Body>> {
+    let d = doc(code)?;
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em;color:#222}}\
+code{{background:#f3f3f3;padding:0 .2em}}</style></head><body>\
+<h1>{title}</h1><p>HTTP {status} &middot; reason <code>{code}</code></p>\
+<h2>What happened</h2><p>{what}</p><h2>How to fix it</h2><p>{fix}</p>\
+<p>Quote the <code>request_id</code> of the response when you contact the operator.</p></body></html>",
+        title = d.title,
+        status = d.status,
+        code = d.code,
+        what = html_escape(d.what),
+        fix = code_spans(&html_escape(d.fix)),
+    );
+    let mut res = Response::new(crate::full(html));
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    Some(res)
+}
+
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Turns `backtick` spans into `<code>` (input already escaped).
+pub fn code_spans(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 16);
+    let mut open = false;
+    for c in s.chars() {
+        if c == '`' {
+            out.push_str(if open { "</code>" } else { "<code>" });
+            open = !open;
+        } else {
+            out.push(c);
+        }
+    }
+    if open {
+        out.push_str("</code>");
+    }
+    out
+}

@@ -1,0 +1,214 @@
+//! Forwarding to upstreams: connection pool, header hygiene, timeouts, upgrades.
+//!
+//! Bodies stream both ways: the client's body is handed to the upstream request as
+//! it arrives and the upstream's body is handed back frame by frame, trailers
+//! included. Nothing is buffered whole.
+
+pub mod headers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::config::{duration, UpstreamConfig};
+use crate::metrics::{Metrics, UpstreamLabel};
+use crate::Body;
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Facts about the client connection, put in each request's extensions by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Why forwarding failed; each maps to one synthetic response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("could not connect to upstream {upstream}: {source}")]
+    Connect { upstream: Arc<str>, source: crate::BoxError },
+    #[error("upstream {upstream} sent no response head within {timeout:?}")]
+    Timeout { upstream: Arc<str>, timeout: Duration },
+    #[error("upstream {upstream} failed: {source}")]
+    Upstream { upstream: Arc<str>, source: crate::BoxError },
+    #[error("request cannot be forwarded: {0}")]
+    BadRequest(String),
+}
+
+/// One configured upstream with its own connection pool.
+pub struct Upstream {
+    pub name: Arc<str>,
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+    timeout: Duration,
+    inject: Vec<(HeaderName, HeaderValue)>,
+    client: Client<HttpsConnector, Incoming>,
+    duration: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("name", &self.name).field("authority", &self.authority).finish()
+    }
+}
+
+impl Upstream {
+    /// Builds an upstream from validated config.
+    pub fn new(cfg: &UpstreamConfig, metrics: &Metrics) -> Result<Upstream, String> {
+        let uri: Uri = cfg.url.parse().map_err(|e| format!("upstream {}: bad url: {e}", cfg.name))?;
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let authority = uri.authority().cloned().ok_or_else(|| format!("upstream {}: url has no host", cfg.name))?;
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(duration(&cfg.connect_timeout)));
+        let tls = tls_client_config(cfg.ca.as_deref())?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(duration(&cfg.pool_idle_timeout))
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            .build(connector);
+        let inject = cfg
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
+            .collect();
+        Ok(Upstream {
+            name: cfg.name.as_str().into(),
+            scheme,
+            authority,
+            base_path,
+            timeout: duration(&cfg.timeout),
+            inject,
+            client,
+            duration: metrics.upstream_duration.get_or_create(&UpstreamLabel { upstream: cfg.name.clone() }).clone(),
+        })
+    }
+
+    /// The upstream URI for a client request path, after `strip_prefix`.
+    fn target(&self, pq: Option<&PathAndQuery>, strip_prefix: Option<&str>) -> Result<Uri, ProxyError> {
+        let raw = pq.map(|p| p.as_str()).unwrap_or("/");
+        let mut rest = raw;
+        if let Some(prefix) = strip_prefix {
+            let prefix = prefix.trim_end_matches('/');
+            if let Some(r) = raw.strip_prefix(prefix) {
+                if r.is_empty() || r.starts_with('/') || r.starts_with('?') {
+                    rest = r;
+                }
+            }
+        }
+        let mut path = String::with_capacity(self.base_path.len() + rest.len() + 1);
+        path.push_str(&self.base_path);
+        if !rest.starts_with('/') {
+            path.push('/');
+        }
+        path.push_str(rest);
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))
+    }
+
+    /// Forwards `req` and returns the upstream's response with a streaming body.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        strip_prefix: Option<&str>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let upgrade = headers::upgrade_request(req.headers());
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+        let uri = self.target(req.uri().path_and_query(), strip_prefix)?;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        let h = req.headers_mut();
+        headers::strip_hop_by_hop(h);
+        // Host is set by the client from the upstream URI, as nginx's default
+        // `proxy_set_header Host $proxy_host` does; the original is in X-Forwarded-Host.
+        h.remove(header::HOST);
+        for (k, v) in &self.inject {
+            h.insert(k.clone(), v.clone());
+        }
+        if let Some(proto) = &upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, proto.clone());
+        }
+
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        self.duration.observe(started.elapsed().as_secs_f64());
+        let mut res = match result {
+            Err(_) => return Err(ProxyError::Timeout { upstream: self.name.clone(), timeout: self.timeout }),
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(ProxyError::Connect { upstream: self.name.clone(), source: Box::new(e) })
+            }
+            Ok(Err(e)) => return Err(ProxyError::Upstream { upstream: self.name.clone(), source: Box::new(e) }),
+            Ok(Ok(res)) => res,
+        };
+
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut res);
+                let name = self.name.clone();
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((c, u)) => {
+                            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                                tracing::debug!(upstream = %name, error = %e, "upgraded connection closed with error");
+                            }
+                        }
+                        Err(e) => tracing::debug!(upstream = %name, error = %e, "upgrade failed"),
+                    }
+                });
+                let proto = res.headers().get(header::UPGRADE).cloned();
+                headers::strip_hop_by_hop(res.headers_mut());
+                if let Some(p) = proto {
+                    res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    res.headers_mut().insert(header::UPGRADE, p);
+                }
+                return Ok(res.map(|b| b.map_err(Into::into).boxed_unsync()));
+            }
+        }
+        headers::strip_hop_by_hop(res.headers_mut());
+        Ok(res.map(|b| b.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+fn tls_client_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{}: no certificates found", path.display()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}

@@ -1,0 +1,648 @@
+//! The ledger conformance suite (DESIGN §5): the same cases, asserting the same exact
+//! numbers, run against every backend.
+//!
+//! Each case in [`suite`] takes a fresh, empty `Arc<dyn Ledger>`. A backend joins with
+//! one line, `conformance_suite!(module_name, async { (ledger, guard) })`: the factory
+//! runs once per test and returns the ledger plus a guard (a temp dir, a scratch
+//! schema…) that lives until the test ends. SQLite-only behaviour (reopening a file,
+//! surviving `kill -9`) is tested at the bottom.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate::ledger::sqlite::{SqliteLedger, SqliteOptions, SCHEMA_VERSION};
+use tollgate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, TxKind};
+use tollgate::money::Micros;
+
+pub mod suite {
+    use super::*;
+    use tollgate::ledger::{CreditOutcome, Settlement, Transaction, KEY_PREFIX};
+
+    pub const PRICE: Micros = Micros(2_000);
+    const ROUTE: &str = "/v1/chat";
+    const HOUR: Duration = Duration::from_secs(3600);
+    /// Enough to read every row a case writes.
+    const ALL: usize = 100_000;
+
+    fn req<'a>(secret: &str, amount: Micros, request_id: &'a str) -> HoldRequest<'a> {
+        HoldRequest { secret: SecretHash::of(secret), amount, route: ROUTE, request_id, spend_cap: None }
+    }
+
+    async fn hold(l: &Arc<dyn Ledger>, secret: &str, amount: Micros, request_id: &str) -> HoldId {
+        match l.authorize(req(secret, amount, request_id)).await.unwrap() {
+            HoldOutcome::Held { hold, .. } => hold,
+            other => panic!("expected a hold, got {other:?}"),
+        }
+    }
+
+    async fn balance(l: &Arc<dyn Ledger>, id: &str) -> Micros {
+        l.key(id).await.unwrap().expect("key exists").balance
+    }
+
+    async fn rows(l: &Arc<dyn Ledger>, id: &str) -> Vec<Transaction> {
+        l.transactions(Some(id), ALL).await.unwrap()
+    }
+
+    async fn row(l: &Arc<dyn Ledger>, hold: HoldId) -> Transaction {
+        let all = l.transactions(None, ALL).await.unwrap();
+        all.into_iter().find(|t| t.id == hold.0).expect("hold row exists")
+    }
+
+    fn of_kind(rows: &[Transaction], kind: TxKind) -> Vec<&Transaction> {
+        rows.iter().filter(|t| t.kind == kind).collect()
+    }
+
+    fn sum(rows: &[Transaction], kind: TxKind) -> u64 {
+        of_kind(rows, kind).iter().map(|t| t.amount.get()).sum()
+    }
+
+    /// `balance = Σ credit − Σ debit + Σ refund` (DESIGN §5).
+    async fn assert_invariant(l: &Arc<dyn Ledger>, id: &str) {
+        let rows = rows(l, id).await;
+        let expected = sum(&rows, TxKind::Credit) + sum(&rows, TxKind::Refund) - sum(&rows, TxKind::Debit);
+        assert_eq!(balance(l, id).await, Micros(expected), "balance = Σcredit − Σdebit + Σrefund for {id}");
+    }
+
+    pub async fn case_create_key(l: Arc<dyn Ledger>) {
+        let k = l.create_key(Some("alice"), Micros(5_000_000)).await.unwrap();
+        assert_eq!(k.balance, Micros(5_000_000));
+        let random = k.key.strip_prefix(KEY_PREFIX).expect("secret starts with tg_live_");
+        assert!(random.len() >= 32, "at least 128 bits of hex: {random}");
+        assert!(random.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(!k.key.contains(&k.id) && !k.id.contains(random), "the id does not leak the secret");
+
+        let info = l.key(&k.id).await.unwrap().unwrap();
+        assert_eq!(info.id, k.id);
+        assert_eq!(info.label.as_deref(), Some("alice"));
+        assert_eq!(info.balance, Micros(5_000_000));
+        assert!(!info.revoked);
+        assert!(info.created_at > 1_600_000_000, "unix seconds: {}", info.created_at);
+
+        let opening = rows(&l, &k.id).await;
+        assert_eq!(opening.len(), 1);
+        assert_eq!(opening[0].kind, TxKind::Credit);
+        assert_eq!(opening[0].amount, Micros(5_000_000));
+        assert_eq!(opening[0].status, None);
+        assert_eq!(opening[0].key_id, k.id);
+
+        // A zero opening balance writes no transaction (amounts are positive).
+        let empty = l.create_key(None, Micros::ZERO).await.unwrap();
+        assert_eq!(rows(&l, &empty.id).await, []);
+        assert_eq!(l.key(&empty.id).await.unwrap().unwrap().label, None);
+        assert_ne!(empty.key, k.key);
+        assert_ne!(empty.id, k.id);
+
+        let listed = l.list_keys().await.unwrap();
+        let ids: Vec<&str> = listed.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(ids, [k.id.as_str(), empty.id.as_str()]);
+        assert_eq!(listed[0], info);
+        assert_eq!(l.key("key_nope").await.unwrap(), None);
+
+        // Only the hash is stored: a near miss of the secret is an unknown key.
+        let wrong = format!("{}0", k.key);
+        assert_eq!(l.authorize(req(&wrong, PRICE, "r1")).await.unwrap(), HoldOutcome::UnknownKey);
+        assert_eq!(l.authorize(req(&k.id, PRICE, "r2")).await.unwrap(), HoldOutcome::UnknownKey);
+        assert_eq!(balance(&l, &k.id).await, Micros(5_000_000));
+    }
+
+    pub async fn case_capture(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(10_000)).await.unwrap();
+        let outcome = l.authorize(req(&k.key, PRICE, "req-1")).await.unwrap();
+        let HoldOutcome::Held { hold, key_id, balance: left } = outcome else {
+            panic!("expected a hold, got {outcome:?}");
+        };
+        assert_eq!(key_id, k.id);
+        assert_eq!(left, Micros(8_000));
+        assert_eq!(balance(&l, &k.id).await, Micros(8_000));
+
+        let debit = row(&l, hold).await;
+        assert_eq!(debit.kind, TxKind::Debit);
+        assert_eq!(debit.amount, PRICE);
+        assert_eq!(debit.status.as_deref(), Some("pending"));
+        assert_eq!(debit.route.as_deref(), Some(ROUTE));
+        assert_eq!(debit.request_id.as_deref(), Some("req-1"));
+
+        l.capture(hold).await.unwrap();
+        assert_eq!(row(&l, hold).await.status.as_deref(), Some("captured"));
+        assert_eq!(balance(&l, &k.id).await, Micros(8_000), "capture does not move money");
+        l.capture(hold).await.unwrap();
+        // Release after capture: captured is final.
+        l.release(hold).await.unwrap();
+        assert_eq!(row(&l, hold).await.status.as_deref(), Some("captured"));
+        assert_eq!(balance(&l, &k.id).await, Micros(8_000));
+        assert_eq!(rows(&l, &k.id).await.len(), 2);
+
+        // A hold id that is not a debit is a caller bug, reported as such.
+        let credit_row = rows(&l, &k.id).await.into_iter().find(|t| t.kind == TxKind::Credit).unwrap();
+        assert!(matches!(l.capture(HoldId(credit_row.id)).await, Err(LedgerError::Other(_))));
+        assert!(matches!(l.capture(HoldId(i64::MAX)).await, Err(LedgerError::Other(_))));
+        assert!(matches!(l.release(HoldId(i64::MAX)).await, Err(LedgerError::Other(_))));
+        assert_invariant(&l, &k.id).await;
+    }
+
+    pub async fn case_release(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(10_000)).await.unwrap();
+        let hold = hold(&l, &k.key, Micros(3_000), "req-9").await;
+        assert_eq!(balance(&l, &k.id).await, Micros(7_000));
+
+        l.release(hold).await.unwrap();
+        assert_eq!(balance(&l, &k.id).await, Micros(10_000));
+        assert_eq!(row(&l, hold).await.status.as_deref(), Some("released"));
+        let all = rows(&l, &k.id).await;
+        let refunds = of_kind(&all, TxKind::Refund);
+        assert_eq!(refunds.len(), 1);
+        assert_eq!(refunds[0].amount, Micros(3_000));
+        assert_eq!(refunds[0].route.as_deref(), Some(ROUTE));
+        assert_eq!(refunds[0].request_id.as_deref(), Some("req-9"));
+        assert_eq!(refunds[0].status, None);
+        assert_eq!(refunds[0].key_id, k.id);
+        assert!(refunds[0].id > hold.0);
+
+        // Twice is once; capture after release changes nothing.
+        l.release(hold).await.unwrap();
+        l.capture(hold).await.unwrap();
+        assert_eq!(balance(&l, &k.id).await, Micros(10_000));
+        assert_eq!(row(&l, hold).await.status.as_deref(), Some("released"));
+        assert_eq!(rows(&l, &k.id).await.len(), 3, "credit, debit, one refund");
+        assert_invariant(&l, &k.id).await;
+    }
+
+    pub async fn case_insufficient(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(5_000)).await.unwrap();
+        let outcome = l.authorize(req(&k.key, Micros(5_001), "r")).await.unwrap();
+        assert_eq!(outcome, HoldOutcome::Insufficient { key_id: k.id.clone(), balance: Micros(5_000) });
+        assert!(of_kind(&rows(&l, &k.id).await, TxKind::Debit).is_empty(), "no debit row");
+        assert_eq!(balance(&l, &k.id).await, Micros(5_000));
+
+        let exact = l.authorize(req(&k.key, Micros(5_000), "r")).await.unwrap();
+        assert!(matches!(exact, HoldOutcome::Held { balance: Micros(0), .. }), "{exact:?}");
+        assert_eq!(balance(&l, &k.id).await, Micros::ZERO);
+        let after = l.authorize(req(&k.key, Micros(1), "r")).await.unwrap();
+        assert_eq!(after, HoldOutcome::Insufficient { key_id: k.id.clone(), balance: Micros::ZERO });
+
+        // Amounts a backend cannot store are refused, not wrapped.
+        assert!(matches!(l.authorize(req(&k.key, Micros(u64::MAX), "r")).await, Err(LedgerError::Overflow)));
+        assert!(l.authorize(req(&k.key, Micros::ZERO, "r")).await.is_err(), "a hold is positive");
+        assert_invariant(&l, &k.id).await;
+    }
+
+    pub async fn case_revoked_and_unknown(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(10_000)).await.unwrap();
+        assert!(l.revoke(&k.id).await.unwrap());
+        assert!(l.revoke(&k.id).await.unwrap(), "revoking twice is fine");
+        assert!(!l.revoke("key_0000000000000000").await.unwrap());
+        assert!(l.key(&k.id).await.unwrap().unwrap().revoked);
+
+        let outcome = l.authorize(req(&k.key, PRICE, "r")).await.unwrap();
+        assert_eq!(outcome, HoldOutcome::Revoked { key_id: k.id.clone() });
+        let capped = HoldRequest { spend_cap: Some((Micros(1), HOUR)), ..req(&k.key, PRICE, "r") };
+        assert_eq!(l.authorize(capped).await.unwrap(), HoldOutcome::Revoked { key_id: k.id.clone() });
+        assert_eq!(balance(&l, &k.id).await, Micros(10_000));
+
+        let unknown = l.authorize(req("tg_live_00000000000000000000000000000000", PRICE, "r")).await.unwrap();
+        assert_eq!(unknown, HoldOutcome::UnknownKey);
+        assert_eq!(rows(&l, &k.id).await.len(), 1);
+    }
+
+    pub async fn case_race(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(20 * PRICE.get())).await.unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let (l, secret) = (l.clone(), k.key.clone());
+                tokio::spawn(async move {
+                    let request_id = format!("race-{i}");
+                    l.authorize(req(&secret, PRICE, &request_id)).await.unwrap()
+                })
+            })
+            .collect();
+        let (mut held, mut refused) = (0, 0);
+        for task in tasks {
+            match task.await.unwrap() {
+                HoldOutcome::Held { .. } => held += 1,
+                HoldOutcome::Insufficient { balance, .. } => {
+                    assert_eq!(balance, Micros::ZERO, "refused only once empty");
+                    refused += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!((held, refused), (20, 180));
+        assert_eq!(balance(&l, &k.id).await, Micros::ZERO);
+        let all = rows(&l, &k.id).await;
+        assert_eq!(of_kind(&all, TxKind::Debit).len(), 20);
+        assert!(of_kind(&all, TxKind::Debit).iter().all(|t| t.amount == PRICE));
+        assert_invariant(&l, &k.id).await;
+    }
+
+    pub async fn case_idempotent_credit(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(1_000)).await.unwrap();
+        let first = l.credit(&k.id, Micros(500), Some("topup-1")).await.unwrap();
+        assert_eq!(first, CreditOutcome { balance: Micros(1_500), applied: true });
+        let again = l.credit(&k.id, Micros(500), Some("topup-1")).await.unwrap();
+        assert_eq!(again, CreditOutcome { balance: Micros(1_500), applied: false });
+        let other = l.credit(&k.id, Micros(500), Some("topup-2")).await.unwrap();
+        assert_eq!(other, CreditOutcome { balance: Micros(2_000), applied: true });
+        let plain = l.credit(&k.id, Micros(1), None).await.unwrap();
+        assert_eq!(plain, CreditOutcome { balance: Micros(2_001), applied: true });
+        let plain = l.credit(&k.id, Micros(1), None).await.unwrap();
+        assert_eq!(plain, CreditOutcome { balance: Micros(2_002), applied: true }, "no key, no dedup");
+
+        // Concurrent duplicates: applied exactly once.
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (l, id) = (l.clone(), k.id.clone());
+                tokio::spawn(async move { l.credit(&id, Micros(1_000), Some("topup-3")).await.unwrap() })
+            })
+            .collect();
+        let mut applied = 0;
+        for task in tasks {
+            let outcome = task.await.unwrap();
+            applied += usize::from(outcome.applied);
+        }
+        assert_eq!(applied, 1);
+        assert_eq!(balance(&l, &k.id).await, Micros(3_002));
+
+        // Idempotency keys are scoped per API key.
+        let k2 = l.create_key(None, Micros::ZERO).await.unwrap();
+        let scoped = l.credit(&k2.id, Micros(700), Some("topup-1")).await.unwrap();
+        assert_eq!(scoped, CreditOutcome { balance: Micros(700), applied: true });
+
+        assert!(matches!(l.credit("key_nope", Micros(1), None).await, Err(LedgerError::NoSuchKey(_))));
+        assert!(matches!(l.credit("key_nope", Micros(1), Some("x")).await, Err(LedgerError::NoSuchKey(_))));
+        assert!(matches!(l.credit(&k.id, Micros::ZERO, None).await, Err(LedgerError::Other(_))));
+        assert!(matches!(l.credit(&k.id, Micros(u64::MAX), None).await, Err(LedgerError::Overflow)));
+        let near_max = Micros(i64::MAX as u64 - 3_002);
+        assert_eq!(l.credit(&k.id, near_max, None).await.unwrap().balance, Micros(i64::MAX as u64));
+        assert!(matches!(l.credit(&k.id, Micros(1), None).await, Err(LedgerError::Overflow)));
+
+        // A revoked key can still be credited (e.g. before it is reinstated).
+        l.revoke(&k2.id).await.unwrap();
+        let revoked = l.credit(&k2.id, Micros(300), Some("late")).await.unwrap();
+        assert_eq!(revoked, CreditOutcome { balance: Micros(1_000), applied: true });
+
+        let credits = of_kind(&rows(&l, &k.id).await, TxKind::Credit).len();
+        assert_eq!(credits, 7, "opening, topup-1, topup-2, two plain, topup-3, near max");
+        assert_invariant(&l, &k.id).await;
+        assert_invariant(&l, &k2.id).await;
+    }
+
+    pub async fn case_spend_cap(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(1_000_000)).await.unwrap();
+        let cap = Micros(3 * PRICE.get());
+        let capped = |id: &'static str| HoldRequest { spend_cap: Some((cap, HOUR)), ..req(&k.key, PRICE, id) };
+
+        let mut holds = Vec::new();
+        for i in 0..3 {
+            match l.authorize(capped(["a", "b", "c"][i])).await.unwrap() {
+                HoldOutcome::Held { hold, .. } => holds.push(hold),
+                other => panic!("hold {i}: {other:?}"),
+            }
+        }
+        l.capture(holds[0]).await.unwrap();
+        let fourth = l.authorize(capped("d")).await.unwrap();
+        assert_eq!(fourth, HoldOutcome::SpendCapReached { key_id: k.id.clone(), spent: cap, cap });
+        assert_eq!(balance(&l, &k.id).await, Micros(1_000_000 - 3 * PRICE.get()), "nothing held");
+        assert_eq!(of_kind(&rows(&l, &k.id).await, TxKind::Debit).len(), 3);
+
+        // A released hold is not spending: it frees its room.
+        l.release(holds[1]).await.unwrap();
+        assert!(matches!(l.authorize(capped("e")).await.unwrap(), HoldOutcome::Held { .. }));
+        let sixth = l.authorize(capped("f")).await.unwrap();
+        assert_eq!(sixth, HoldOutcome::SpendCapReached { key_id: k.id.clone(), spent: cap, cap });
+
+        // A hold larger than the room left is refused even if the cap is not yet reached.
+        l.release(holds[2]).await.unwrap();
+        let big = HoldRequest { spend_cap: Some((cap, HOUR)), ..req(&k.key, Micros(2 * PRICE.get()), "g") };
+        let spent = Micros(2 * PRICE.get());
+        assert_eq!(l.authorize(big).await.unwrap(), HoldOutcome::SpendCapReached { key_id: k.id.clone(), spent, cap });
+
+        // The cap applies per request: without it the same key is only bound by its balance.
+        assert!(matches!(l.authorize(req(&k.key, PRICE, "h")).await.unwrap(), HoldOutcome::Held { .. }));
+        assert_invariant(&l, &k.id).await;
+    }
+
+    pub async fn case_release_stale_holds(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(100_000)).await.unwrap();
+        let other = l.create_key(None, Micros(100_000)).await.unwrap();
+        let a = hold(&l, &k.key, Micros(1_000), "a").await;
+        let b = hold(&l, &k.key, Micros(2_000), "b").await;
+        let c = hold(&l, &k.key, Micros(4_000), "c").await;
+        let d = hold(&l, &other.key, Micros(8_000), "d").await;
+        l.capture(b).await.unwrap();
+        assert_eq!(balance(&l, &k.id).await, Micros(93_000));
+
+        assert_eq!(l.release_stale_holds(HOUR).await.unwrap(), 0, "all holds are fresh");
+        assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 3);
+        assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 0);
+
+        assert_eq!(balance(&l, &k.id).await, Micros(98_000));
+        assert_eq!(balance(&l, &other.id).await, Micros(100_000));
+        for (h, status) in [(a, "released"), (b, "captured"), (c, "released"), (d, "released")] {
+            assert_eq!(row(&l, h).await.status.as_deref(), Some(status));
+        }
+        let all = rows(&l, &k.id).await;
+        let mut refunds: Vec<u64> = of_kind(&all, TxKind::Refund).iter().map(|t| t.amount.get()).collect();
+        refunds.sort_unstable();
+        assert_eq!(refunds, [1_000, 4_000]);
+        assert_invariant(&l, &k.id).await;
+        assert_invariant(&l, &other.id).await;
+    }
+
+    pub async fn case_nonces(l: Arc<dyn Ledger>) {
+        let payer = "0xAbCdEf0123456789aBcDeF0123456789AbCdEf01";
+        let far = 4_000_000_000;
+        assert!(l.reserve_nonce(payer, "0xAA01", far).await.unwrap());
+        assert!(!l.reserve_nonce(payer, "0xAA01", far).await.unwrap(), "replay");
+        assert!(!l.reserve_nonce(&payer.to_lowercase(), "0xaa01", far).await.unwrap(), "case-insensitive");
+        assert!(!l.reserve_nonce(&payer.to_uppercase(), "0XAA01", far).await.unwrap(), "case-insensitive");
+        assert!(l.reserve_nonce(payer, "0xAA02", far).await.unwrap(), "another nonce");
+        assert!(l.reserve_nonce("0x1111111111111111111111111111111111111111", "0xAA01", far).await.unwrap());
+
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let l = l.clone();
+                tokio::spawn(async move { l.reserve_nonce(payer, "0xBEEF", far).await.unwrap() })
+            })
+            .collect();
+        let mut won = 0;
+        for task in tasks {
+            won += usize::from(task.await.unwrap());
+        }
+        assert_eq!(won, 1);
+
+        for (nonce, valid_before) in [("0x100", 100), ("0x200", 200), ("0x300", 300)] {
+            assert!(l.reserve_nonce(payer, nonce, valid_before).await.unwrap());
+        }
+        assert_eq!(l.purge_nonces(200).await.unwrap(), 1, "only valid_before < now");
+        assert_eq!(l.purge_nonces(200).await.unwrap(), 0);
+        assert!(l.reserve_nonce(payer, "0x100", 100).await.unwrap(), "purged, so new again");
+        assert!(!l.reserve_nonce(payer, "0x200", 200).await.unwrap(), "still recorded");
+        assert!(!l.reserve_nonce(payer, "0xAA01", far).await.unwrap(), "unexpired kept");
+        assert_eq!(l.purge_nonces(301).await.unwrap(), 3);
+        assert!(matches!(l.reserve_nonce(payer, "0x1", u64::MAX).await, Err(LedgerError::Overflow)));
+    }
+
+    pub async fn case_transactions_order(l: Arc<dyn Ledger>) {
+        let a = l.create_key(None, Micros(10_000)).await.unwrap();
+        let b = l.create_key(None, Micros(20_000)).await.unwrap();
+        let h = hold(&l, &a.key, Micros(1_000), "a1").await;
+        l.credit(&b.id, Micros(5), None).await.unwrap();
+        l.release(h).await.unwrap();
+        hold(&l, &b.key, Micros(7), "b1").await;
+
+        let of_a = rows(&l, &a.id).await;
+        let kinds: Vec<TxKind> = of_a.iter().map(|t| t.kind).collect();
+        assert_eq!(kinds, [TxKind::Refund, TxKind::Debit, TxKind::Credit], "newest first");
+        assert!(of_a.iter().all(|t| t.key_id == a.id));
+        assert!(of_a.windows(2).all(|w| w[0].id > w[1].id));
+
+        let all = l.transactions(None, ALL).await.unwrap();
+        assert_eq!(all.len(), 6);
+        assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+        let newest: Vec<(&str, TxKind)> = all.iter().take(3).map(|t| (t.key_id.as_str(), t.kind)).collect();
+        assert_eq!(
+            newest,
+            [(b.id.as_str(), TxKind::Debit), (a.id.as_str(), TxKind::Refund), (b.id.as_str(), TxKind::Credit)]
+        );
+
+        let two = l.transactions(Some(&b.id), 2).await.unwrap();
+        assert_eq!(two.iter().map(|t| t.amount.get()).collect::<Vec<_>>(), [7, 5]);
+        assert_eq!(l.transactions(None, 1).await.unwrap(), all[..1]);
+        assert_eq!(l.transactions(None, 0).await.unwrap(), []);
+        assert_eq!(l.transactions(Some("key_nope"), 10).await.unwrap(), []);
+    }
+
+    pub async fn case_settlements(l: Arc<dyn Ledger>) {
+        assert_eq!(l.settlements(10).await.unwrap(), []);
+        let first = Settlement {
+            rail: "x402".into(),
+            payer: "0xAbCd000000000000000000000000000000000001".into(),
+            amount: 10_000,
+            asset: "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913".into(),
+            network: "base".into(),
+            tx_hash: "0xfeed01".into(),
+            route: ROUTE.into(),
+            request_id: "req-1".into(),
+        };
+        let second =
+            Settlement { amount: 20_000, tx_hash: "0xfeed02".into(), request_id: "req-2".into(), ..first.clone() };
+        l.record_settlement(&first).await.unwrap();
+        l.record_settlement(&second).await.unwrap();
+        assert_eq!(l.settlements(10).await.unwrap(), [second.clone(), first]);
+        assert_eq!(l.settlements(1).await.unwrap(), [second.clone()]);
+        let huge = Settlement { amount: u64::MAX, ..second };
+        assert!(matches!(l.record_settlement(&huge).await, Err(LedgerError::Overflow)));
+        assert_eq!(l.settlements(10).await.unwrap().len(), 2);
+    }
+
+    pub async fn case_ping(l: Arc<dyn Ledger>) {
+        l.ping().await.unwrap();
+        l.ping().await.unwrap();
+    }
+}
+
+/// Expands to one `#[tokio::test]` per case of [`suite`], in a module named `$backend`.
+/// `$factory` is an expression evaluating to a future of `(Arc<dyn Ledger>, guard)`.
+macro_rules! conformance_suite {
+    (@cases $factory:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (ledger, _guard) = $factory.await;
+                $crate::suite::$case(ledger).await;
+            }
+        )+
+    };
+    ($backend:ident, $factory:expr) => {
+        mod $backend {
+            #[allow(unused_imports)]
+            use super::*;
+
+            conformance_suite!(@cases $factory;
+                case_create_key,
+                case_capture,
+                case_release,
+                case_insufficient,
+                case_revoked_and_unknown,
+                case_race,
+                case_idempotent_credit,
+                case_spend_cap,
+                case_release_stale_holds,
+                case_nonces,
+                case_transactions_order,
+                case_settlements,
+                case_ping,
+            );
+        }
+    };
+}
+
+fn open(path: &Path) -> SqliteLedger {
+    SqliteLedger::open(path, SqliteOptions::default()).unwrap()
+}
+
+conformance_suite!(sqlite, async {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger: Arc<dyn Ledger> = Arc::new(open(&dir.path().join("ledger.db")));
+    (ledger, dir)
+});
+
+conformance_suite!(sqlite_full_sync, async {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SqliteOptions { synchronous_full: true };
+    let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db"), opts).unwrap());
+    (ledger, dir)
+});
+
+// === SQLite only ===
+
+fn user_version(path: &Path) -> u32 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_reopen_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let l = open(&path);
+    let k = l.create_key(Some("durable"), Micros(50_000)).await.unwrap();
+    l.credit(&k.id, Micros(1_000), Some("topup-1")).await.unwrap();
+    let pending = match l
+        .authorize(HoldRequest {
+            secret: SecretHash::of(&k.key),
+            amount: Micros(2_000),
+            route: "/r",
+            request_id: "q1",
+            spend_cap: None,
+        })
+        .await
+        .unwrap()
+    {
+        HoldOutcome::Held { hold, .. } => hold,
+        other => panic!("{other:?}"),
+    };
+    assert!(l.reserve_nonce("0xAB", "0x01", 4_000_000_000).await.unwrap());
+    let keys = l.list_keys().await.unwrap();
+    let rows = l.transactions(None, 100).await.unwrap();
+    drop(l);
+    assert_eq!(user_version(&path), SCHEMA_VERSION);
+
+    for _ in 0..3 {
+        let l = open(&path);
+        assert_eq!(l.list_keys().await.unwrap(), keys);
+        assert_eq!(l.transactions(None, 100).await.unwrap(), rows);
+    }
+    assert_eq!(user_version(&path), SCHEMA_VERSION, "reopening migrates nothing");
+
+    let l = open(&path);
+    assert!(!l.credit(&k.id, Micros(1_000), Some("topup-1")).await.unwrap().applied, "idempotent across restarts");
+    assert!(!l.reserve_nonce("0xab", "0x01", 4_000_000_000).await.unwrap(), "replay across restarts");
+    assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 1);
+    let released = l.transactions(None, 100).await.unwrap();
+    assert_eq!(released.iter().find(|t| t.id == pending.0).unwrap().status.as_deref(), Some("released"));
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(51_000));
+}
+
+#[test]
+fn sqlite_refuses_a_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    drop(open(&path));
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+    drop(conn);
+    let err = SqliteLedger::open(&path, SqliteOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("newer than this tollgate"), "{err}");
+}
+
+#[test]
+fn sqlite_open_in_a_missing_directory_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = SqliteLedger::open(&dir.path().join("nope/ledger.db"), SqliteOptions::default()).unwrap_err();
+    assert!(matches!(err, LedgerError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("does its directory exist"), "{err}");
+}
+
+const CRASH_ENV: &str = "TOLLGATE_TEST_CRASH_DB";
+
+/// The child half of `sqlite_survives_kill_9`: a no-op unless that test started it.
+#[test]
+fn sqlite_crash_child() {
+    let Ok(path) = std::env::var(CRASH_ENV) else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let l = open(Path::new(&path));
+        let k = l.create_key(Some("crash"), Micros(1_000_000)).await.unwrap();
+        for i in 0..10 {
+            let request_id = format!("crash-{i}");
+            let req = HoldRequest {
+                secret: SecretHash::of(&k.key),
+                amount: Micros(1_000),
+                route: "/r",
+                request_id: &request_id,
+                spend_cap: None,
+            };
+            let HoldOutcome::Held { hold, .. } = l.authorize(req).await.unwrap() else { panic!() };
+            match i {
+                0..=5 => l.capture(hold).await.unwrap(),
+                6 | 7 => l.release(hold).await.unwrap(),
+                _ => {} // left pending: the crash interrupts these requests
+            }
+        }
+        l.credit(&k.id, Micros(500), Some("topup-1")).await.unwrap();
+        assert!(l.reserve_nonce("0xAB", "0x01", 4_000_000_000).await.unwrap());
+        // Everything above was acknowledged, hence committed.
+        println!("\nCRASH-READY {}", k.id);
+        std::future::pending::<()>().await;
+    });
+}
+
+#[test]
+fn sqlite_survives_kill_9() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    if std::env::var_os(CRASH_ENV).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["sqlite_crash_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CRASH_ENV, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut key_id = None;
+    for line in stdout.lines() {
+        if let Some(id) = line.unwrap().split("CRASH-READY ").nth(1) {
+            key_id = Some(id.trim().to_owned());
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let key_id = key_id.expect("the child reported its writes");
+    tokio::runtime::Runtime::new().unwrap().block_on(check_after_crash(&path, &key_id));
+}
+
+async fn check_after_crash(path: &Path, key_id: &str) {
+    let l = open(path);
+    assert_eq!(l.key(key_id).await.unwrap().unwrap().balance, Micros(1_000_000 - 10_000 + 2_000 + 500));
+    let rows = l.transactions(Some(key_id), 100).await.unwrap();
+    let count = |kind| rows.iter().filter(|t| t.kind == kind).count();
+    assert_eq!((count(TxKind::Credit), count(TxKind::Debit), count(TxKind::Refund)), (2, 10, 2));
+    assert!(!l.credit(key_id, Micros(500), Some("topup-1")).await.unwrap().applied);
+    assert!(!l.reserve_nonce("0xab", "0x01", 4_000_000_000).await.unwrap());
+
+    // Startup on a single replica: holds the dead process left open go back.
+    assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 2);
+    assert_eq!(l.key(key_id).await.unwrap().unwrap().balance, Micros(1_000_000 - 6_000 + 500));
+    let rows = l.transactions(Some(key_id), 100).await.unwrap();
+    let sum = |kind| rows.iter().filter(|t| t.kind == kind).map(|t| t.amount.get()).sum::<u64>();
+    assert_eq!(sum(TxKind::Credit) - sum(TxKind::Debit) + sum(TxKind::Refund), 1_000_000 - 6_000 + 500);
+}
