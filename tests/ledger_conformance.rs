@@ -430,7 +430,7 @@ pub mod suite {
         l.record_settlement(&first).await.unwrap();
         l.record_settlement(&second).await.unwrap();
         assert_eq!(l.settlements(10).await.unwrap(), [second.clone(), first]);
-        assert_eq!(l.settlements(1).await.unwrap(), [second.clone()]);
+        assert_eq!(l.settlements(1).await.unwrap(), std::slice::from_ref(&second));
         let huge = Settlement { amount: u64::MAX, ..second };
         assert!(matches!(l.record_settlement(&huge).await, Err(LedgerError::Overflow)));
         assert_eq!(l.settlements(10).await.unwrap().len(), 2);
