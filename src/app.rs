@@ -28,7 +28,10 @@ pub async fn open_ledger(cfg: &Config) -> Result<Arc<dyn Ledger>, String> {
     match cfg.ledger.backend {
         LedgerBackend::Sqlite => {
             let path = cfg.ledger.path.clone();
-            let opts = SqliteOptions::default();
+            let opts = SqliteOptions {
+                synchronous_full: cfg.ledger.synchronous == crate::config::Synchronous::Full,
+                busy_timeout: crate::config::duration(&cfg.ledger.statement_timeout),
+            };
             let l = tokio::task::spawn_blocking(move || SqliteLedger::open(&path, opts))
                 .await
                 .map_err(|e| e.to_string())?

@@ -121,6 +121,18 @@ pub struct LedgerConfig {
     pub pool_size: usize,
     #[serde(default = "defaults::statement_timeout")]
     pub statement_timeout: String,
+    /// SQLite durability: "normal" survives a killed process (every acknowledged
+    /// transaction is in the WAL); "full" also survives power loss, at an fsync per batch.
+    #[serde(default)]
+    pub synchronous: Synchronous,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Normal,
+    Full,
 }
 
 impl Default for LedgerConfig {
@@ -131,6 +143,7 @@ impl Default for LedgerConfig {
             url: None,
             pool_size: defaults::pool_size(),
             statement_timeout: defaults::statement_timeout(),
+            synchronous: Synchronous::default(),
         }
     }
 }

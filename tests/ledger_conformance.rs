@@ -123,10 +123,10 @@ pub mod suite {
         assert_eq!(debit.route.as_deref(), Some(ROUTE));
         assert_eq!(debit.request_id.as_deref(), Some("req-1"));
 
-        l.capture(hold).await.unwrap();
+        assert!(l.capture(hold).await.unwrap());
         assert_eq!(row(&l, hold).await.status.as_deref(), Some("captured"));
         assert_eq!(balance(&l, &k.id).await, Micros(8_000), "capture does not move money");
-        l.capture(hold).await.unwrap();
+        assert!(l.capture(hold).await.unwrap(), "capture twice is once");
         // Release after capture: captured is final.
         l.release(hold).await.unwrap();
         assert_eq!(row(&l, hold).await.status.as_deref(), Some("captured"));
@@ -161,7 +161,7 @@ pub mod suite {
 
         // Twice is once; capture after release changes nothing.
         l.release(hold).await.unwrap();
-        l.capture(hold).await.unwrap();
+        assert!(!l.capture(hold).await.unwrap(), "a released hold cannot be captured");
         assert_eq!(balance(&l, &k.id).await, Micros(10_000));
         assert_eq!(row(&l, hold).await.status.as_deref(), Some("released"));
         assert_eq!(rows(&l, &k.id).await.len(), 3, "credit, debit, one refund");
@@ -299,7 +299,7 @@ pub mod suite {
                 other => panic!("hold {i}: {other:?}"),
             }
         }
-        l.capture(holds[0]).await.unwrap();
+        assert!(l.capture(holds[0]).await.unwrap());
         let fourth = l.authorize(capped("d")).await.unwrap();
         assert_eq!(fourth, HoldOutcome::SpendCapReached { key_id: k.id.clone(), spent: cap, cap });
         assert_eq!(balance(&l, &k.id).await, Micros(1_000_000 - 3 * PRICE.get()), "nothing held");
@@ -329,7 +329,7 @@ pub mod suite {
         let b = hold(&l, &k.key, Micros(2_000), "b").await;
         let c = hold(&l, &k.key, Micros(4_000), "c").await;
         let d = hold(&l, &other.key, Micros(8_000), "d").await;
-        l.capture(b).await.unwrap();
+        assert!(l.capture(b).await.unwrap());
         assert_eq!(balance(&l, &k.id).await, Micros(93_000));
 
         assert_eq!(l.release_stale_holds(HOUR).await.unwrap(), 0, "all holds are fresh");
@@ -490,7 +490,7 @@ conformance_suite!(sqlite, async {
 
 conformance_suite!(sqlite_full_sync, async {
     let dir = tempfile::tempdir().unwrap();
-    let opts = SqliteOptions { synchronous_full: true };
+    let opts = SqliteOptions { synchronous_full: true, ..Default::default() };
     let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db"), opts).unwrap());
     (ledger, dir)
 });
@@ -586,7 +586,7 @@ fn sqlite_crash_child() {
             };
             let HoldOutcome::Held { hold, .. } = l.authorize(req).await.unwrap() else { panic!() };
             match i {
-                0..=5 => l.capture(hold).await.unwrap(),
+                0..=5 => assert!(l.capture(hold).await.unwrap()),
                 6 | 7 => l.release(hold).await.unwrap(),
                 _ => {} // left pending: the crash interrupts these requests
             }

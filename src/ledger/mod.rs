@@ -197,8 +197,10 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Looks the key up by its secret's hash and atomically holds `amount`.
     async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome>;
-    /// Makes a hold final. Idempotent.
-    async fn capture(&self, hold: HoldId) -> Result<()>;
+    /// Makes a hold final. Idempotent: true when the hold is (now or already) captured,
+    /// false when it was released before (e.g. swept as stale): then nothing is charged
+    /// and the caller must not deliver the paid response.
+    async fn capture(&self, hold: HoldId) -> Result<bool>;
     /// Gives a hold back, recorded as a `refund` of the same amount. Idempotent.
     async fn release(&self, hold: HoldId) -> Result<()>;
     /// Releases holds older than `older_than` (left behind by a crashed process).

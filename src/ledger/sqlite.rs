@@ -67,7 +67,7 @@ pub const MAX_BATCH: usize = 256;
 const QUEUE_DEPTH: usize = 4096;
 /// How long a statement waits for a lock held by another connection (another process
 /// opening the same file, or the reader during a checkpoint) before failing closed.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Schema version a database has once every migration is applied.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -138,12 +138,21 @@ pub const MIGRATIONS: &[&str] = &[
 ];
 
 /// Durability settings (see the module docs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SqliteOptions {
     /// `PRAGMA synchronous=FULL`: fsync every commit, so nothing acknowledged is lost
     /// on power loss. The default (`false`, `NORMAL`) survives a process crash
     /// (`kill -9`) but may lose the last commits on power loss.
     pub synchronous_full: bool,
+    /// How long a statement waits for a lock held by another connection before the
+    /// ledger answers `Unavailable` (fail closed). `ledger.statement_timeout`.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { synchronous_full: false, busy_timeout: BUSY_TIMEOUT }
+    }
 }
 
 /// The SQLite [`Ledger`]. Dropping it stops its threads after the queued commands ran
@@ -166,12 +175,12 @@ impl SqliteLedger {
     /// Opens (creating if needed) the database at `path`, applies pending migrations
     /// and starts the writer and reader threads. Blocking: call it before serving.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteLedger> {
-        let mut conn = connect(path)?;
+        let mut conn = connect(path, opts.busy_timeout)?;
         let sync = if opts.synchronous_full { "FULL" } else { "NORMAL" };
         conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"))?;
         migrate(&mut conn).map_err(|e| LedgerError::Other(format!("{}: {e}", path.display())))?;
 
-        let reader_conn = connect(path)?;
+        let reader_conn = connect(path, opts.busy_timeout)?;
         reader_conn.execute_batch("PRAGMA query_only = ON;")?;
 
         let commits = Arc::new(AtomicU64::new(0));
@@ -206,14 +215,14 @@ impl SqliteLedger {
     }
 }
 
-fn connect(path: &Path) -> Result<Connection> {
+fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     let conn = Connection::open(path).map_err(|e| {
         LedgerError::Unavailable(format!(
             "cannot open the SQLite ledger at {}: {e} (does its directory exist and is it writable?)",
             path.display()
         ))
     })?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_timeout(busy_timeout)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(LedgerError::Other(format!(
@@ -487,8 +496,15 @@ fn key_by_secret(conn: &Connection, secret: &SecretHash) -> Result<Option<(Strin
 }
 
 fn is_debit(conn: &Connection, hold: HoldId) -> Result<bool> {
-    let found = conn.prepare_cached("SELECT 1 FROM transactions WHERE id = ?1 AND kind = 'debit'")?.exists([hold.0])?;
-    Ok(found)
+    Ok(debit_status(conn, hold)?.is_some())
+}
+
+fn debit_status(conn: &Connection, hold: HoldId) -> Result<Option<String>> {
+    let status = conn
+        .prepare_cached("SELECT status FROM transactions WHERE id = ?1 AND kind = 'debit'")?
+        .query_row([hold.0], |r| r.get::<_, String>(0))
+        .optional()?;
+    Ok(status)
 }
 
 fn no_hold(hold: HoldId) -> LedgerError {
@@ -719,16 +735,19 @@ impl Ledger for SqliteLedger {
         .await
     }
 
-    async fn capture(&self, hold: HoldId) -> Result<()> {
+    async fn capture(&self, hold: HoldId) -> Result<bool> {
         self.write(move |conn| {
             let n = conn
                 .prepare_cached("UPDATE transactions SET status = 'captured' WHERE id = ?1 AND kind = 'debit' AND status = 'pending'")?
                 .execute([hold.0])?;
-            // Already captured or released: nothing to do (idempotent).
-            if n == 0 && !is_debit(conn, hold)? {
-                return Err(no_hold(hold));
+            if n == 1 {
+                return Ok(true);
             }
-            Ok(())
+            // Already captured (idempotent) or already released (too late to charge).
+            match debit_status(conn, hold)? {
+                Some(status) => Ok(status == "captured"),
+                None => Err(no_hold(hold)),
+            }
         })
         .await
     }

@@ -5,7 +5,6 @@
 //! with the refusal itself. The inner service is never called for an unpaid request.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -178,9 +177,14 @@ impl PaymentGate {
     }
 
     /// The whole gate for one priced request.
-    async fn run<S, B>(self: Arc<Self>, ctx: Arc<RequestCtx>, mut req: Request<B>, inner: S) -> Response<Body>
+    async fn run<S, B>(
+        self: Arc<Self>,
+        ctx: Arc<RequestCtx>,
+        mut req: Request<B>,
+        inner: S,
+    ) -> Result<Response<Body>, S::Error>
     where
-        S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
+        S: Service<Request<B>, Response = Response<Body>>,
     {
         let route = &ctx.route;
         let price = route.price.unwrap_or_default();
@@ -191,7 +195,7 @@ impl PaymentGate {
 
         if let Some(Err(secs)) = gate.and_then(|g| g.per_ip.as_ref()).map(|l| l.check(ctx.client_ip)) {
             let d = Denial::new(Reason::RateLimited, "Too many requests from this address.").retry_after(secs);
-            return self.refuse(&req, &ctx, &charge, d, gate);
+            return Ok(self.refuse(&req, &ctx, &charge, d, gate));
         }
 
         let chosen = route.accept.iter().filter_map(|n| self.rails.get(n)).find(|r| r.present(req.headers()));
@@ -217,7 +221,7 @@ impl PaymentGate {
                     ),
                 ),
             };
-            return self.refuse(&req, &ctx, &charge, d, gate);
+            return Ok(self.refuse(&req, &ctx, &charge, d, gate));
         };
         let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == rail.name()));
 
@@ -231,7 +235,7 @@ impl PaymentGate {
             let key: [u8; 32] = h.finalize().into();
             if let Err(secs) = limiter.check(key) {
                 let d = Denial::new(Reason::RateLimited, "Too many requests for this credential.").retry_after(secs);
-                return self.refuse(&req, &ctx, &charge, d, gate);
+                return Ok(self.refuse(&req, &ctx, &charge, d, gate));
             }
         }
 
@@ -250,7 +254,7 @@ impl PaymentGate {
                         h.rejected.inc();
                     }
                 }
-                return self.refuse(&req, &ctx, &charge, d, gate);
+                return Ok(self.refuse(&req, &ctx, &charge, d, gate));
             }
         };
         let mut guard = GrantGuard(Some(grant));
@@ -275,7 +279,7 @@ impl PaymentGate {
         let uri_path = req.uri().path().to_owned();
         let accept_html = challenge::prefers_html(req.headers());
 
-        let Ok(mut res) = inner.oneshot(req).await;
+        let mut res = inner.oneshot(req).await?;
 
         let grant = guard.take();
         let chargeable = res.extensions().get::<Synthetic>().is_none()
@@ -285,7 +289,7 @@ impl PaymentGate {
             if let Some(h) = handles {
                 h.refunded.inc();
             }
-            return res;
+            return Ok(res);
         }
         let started = Instant::now();
         let committed = grant.commit(res.status()).await;
@@ -313,7 +317,7 @@ impl PaymentGate {
                         rh.append(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
                     }
                 }
-                res
+                Ok(res)
             }
             Err(d) => {
                 if let Some(h) = handles {
@@ -326,7 +330,7 @@ impl PaymentGate {
                 if accept_html {
                     fake.headers_mut().insert(http::header::ACCEPT, HeaderValue::from_static("text/html"));
                 }
-                self.refuse(&fake, &ctx, &charge, d, gate)
+                Ok(self.refuse(&fake, &ctx, &charge, d, gate))
             }
         }
     }
@@ -381,15 +385,16 @@ pub struct PaymentService<S> {
 
 impl<S, B> Service<Request<B>> for PaymentService<S>
 where
-    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send,
+    S::Error: Send,
     B: Send + 'static,
 {
     type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
@@ -408,7 +413,7 @@ where
             if ctx.route.is_free() {
                 return inner.oneshot(req).await;
             }
-            Ok(gate.run(ctx, req, inner).await)
+            gate.run(ctx, req, inner).await
         })
     }
 }

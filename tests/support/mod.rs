@@ -167,6 +167,15 @@ pub async fn gateway_with(rest: &str, rails: tollgate::gateway::RailFactory) -> 
     start_text(dir, &text, rails).await
 }
 
+/// Like [`gateway`], but `edit` may rewrite the whole config text first (e.g. to set
+/// `header_read_timeout = "500ms"` or add `trusted_proxies` under `[server]`).
+pub async fn gateway_edit(rest: &str, edit: impl FnOnce(String) -> String) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let text = edit(format!("{}{rest}", base_config())).replace("{db}", &db.display().to_string());
+    start_text(dir, &text, app::default_rails()).await
+}
+
 /// Starts a gateway from complete config text (with `{db}` already replaced).
 pub async fn start_text(dir: tempfile::TempDir, text: &str, rails: tollgate::gateway::RailFactory) -> Gateway {
     let config_path = dir.path().join("tollgate.toml");
@@ -227,8 +236,13 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
 /// An admin API call with the test admin token.
 pub async fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> Reply {
     let auth = format!("Bearer {ADMIN_TOKEN}");
-    send(method, &gw.admin_url(path), &[("authorization", &auth), ("content-type", "application/json")], body.to_owned())
-        .await
+    send(
+        method,
+        &gw.admin_url(path),
+        &[("authorization", &auth), ("content-type", "application/json")],
+        body.to_owned(),
+    )
+    .await
 }
 
 /// Path to the built `tollgate` binary (for black-box tests).

@@ -236,17 +236,29 @@ impl Grant for CreditsGrant {
     }
 
     async fn commit(self: Box<Self>, _status: http::StatusCode) -> Result<Receipt, Denial> {
-        if let Err(e) = self.ledger.capture(self.hold).await {
-            // The hold stays pending and is released by the stale-hold sweep: the
-            // caller gets no paid response, so it must not stay charged.
-            self.metrics.ledger_errors.inc();
-            tracing::warn!(error = %e, key_id = %self.key_id, "capture failed; withholding response");
-            return Err(Denial::new(
+        let failed = |cause: &'static str| {
+            Denial::new(
                 Reason::SettlementFailed,
                 "The charge could not be recorded, so the response was withheld; you will not be charged.",
             )
-            .cause("ledger_unavailable")
-            .rail(NAME));
+            .cause(cause)
+            .rail(NAME)
+        };
+        match self.ledger.capture(self.hold).await {
+            Ok(true) => {}
+            // Released meanwhile (swept as abandoned): the money is back, so the
+            // response must not be delivered either.
+            Ok(false) => {
+                tracing::warn!(key_id = %self.key_id, "hold was released before capture; withholding response");
+                return Err(failed("hold_released"));
+            }
+            Err(e) => {
+                // The hold stays pending and is released by the stale-hold sweep: the
+                // caller gets no paid response, so it must not stay charged.
+                self.metrics.ledger_errors.inc();
+                tracing::warn!(error = %e, key_id = %self.key_id, "capture failed; withholding response");
+                return Err(failed("ledger_unavailable"));
+            }
         }
         Ok(Receipt {
             headers: vec![
