@@ -1,0 +1,208 @@
+//! Black-box tests of the built `tollgate` binary: the keys CLI and crash safety.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+/// Kills the child process (by PID) when dropped, whatever happened.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write_config(dir: &std::path::Path, upstream: &str, port: u16, admin_port: u16) -> std::path::PathBuf {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"2s\"\n\n\
+[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{ADMIN_TOKEN}\"\n\n\
+[ledger]\npath = \"{db}\"\n\n[log]\nfilter = \"warn\"\n\n\
+[[upstream]]\nname = \"api\"\nurl = \"{upstream}\"\ntimeout = \"5s\"\n\n\
+[[route]]\nname = \"chat\"\nupstream = \"api\"\npath = \"/v1/*\"\nprice = \"0.002\"\naccept = [\"credits\"]\n",
+        db = dir.join("ledger.db").display()
+    );
+    let path = dir.join("tollgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary()).args(args).arg("--config").arg(config).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[tokio::test]
+async fn keys_cli_creates_credits_shows_lists_and_revokes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "http://127.0.0.1:9", free_port(), free_port());
+
+    let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", "5.00", "--label", "acme", "--json"]);
+    assert!(ok, "{err}");
+    let k = json(&out);
+    let id = k["id"].as_str().unwrap().to_owned();
+    assert!(k["key"].as_str().unwrap().starts_with("tg_live_"));
+    assert_eq!(k["balance"], "5.00");
+
+    let (ok, out, _) = cli(&cfg, &["keys", "create", "--balance", "1"]);
+    assert!(ok);
+    assert!(out.contains("shown only this once"), "{out}");
+
+    let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
+    assert!(ok);
+    assert_eq!(json(&out)["balance"], "7.50");
+    let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
+    assert!(ok);
+    assert_eq!(json(&out)["applied"], false);
+    assert_eq!(json(&out)["balance"], "7.50");
+
+    let (ok, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
+    assert!(ok);
+    assert_eq!(json(&out)["label"], "acme");
+    assert!(!out.contains("tg_live_"), "the secret is never shown again");
+    let (ok, out, _) = cli(&cfg, &["keys", "list", "--json"]);
+    assert!(ok);
+    assert_eq!(json(&out)["keys"].as_array().unwrap().len(), 2);
+
+    let (ok, out, _) = cli(&cfg, &["keys", "revoke", &id]);
+    assert!(ok);
+    assert!(out.contains("revoked"));
+    let (_, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
+    assert_eq!(json(&out)["revoked"], true);
+
+    let (ok, _, err) = cli(&cfg, &["keys", "credit", "key_missing", "1"]);
+    assert!(!ok);
+    assert!(err.contains("key_missing"), "{err}");
+    let (ok, _, err) = cli(&cfg, &["keys", "credit", &id, "0.0000001"]);
+    assert!(!ok);
+    assert!(err.contains("6 decimal"), "{err}");
+}
+
+async fn wait_healthy(admin: &str) {
+    for _ in 0..200 {
+        if let Ok(Ok(res)) =
+            tokio::time::timeout(Duration::from_millis(500), client().get(format!("{admin}/healthz").parse().unwrap()))
+                .await
+        {
+            if res.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("gateway did not become healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_paid_load_leaves_the_ledger_consistent() {
+    let up = ok_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let cfg = write_config(dir.path(), &up.url(), port, admin_port);
+    let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", "10", "--json"]);
+    assert!(ok, "{err}");
+    let k = json(&out);
+    let (id, key) = (k["id"].as_str().unwrap().to_owned(), k["key"].as_str().unwrap().to_owned());
+    let admin_base = format!("http://127.0.0.1:{admin_port}");
+
+    let spawn = || {
+        Proc(
+            Command::new(binary())
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut gw = spawn();
+    wait_healthy(&admin_base).await;
+
+    let served = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = format!("http://127.0.0.1:{port}/v1/x");
+    let auth = format!("Bearer {key}");
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (served, stop, url, auth) = (served.clone(), stop.clone(), url.clone(), auth.clone());
+        clients.push(tokio::spawn(async move {
+            for _ in 0..2000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let req = http::Request::get(&url).header("authorization", &auth).body(Default::default()).unwrap();
+                match tokio::time::timeout(Duration::from_secs(5), client().request(req)).await {
+                    Ok(Ok(res)) if res.status() == 200 => {
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Ok(res)) => panic!("unexpected status {}", res.status()),
+                    _ => break, // the gateway died under us
+                }
+            }
+        }));
+    }
+    // Kill once real paid traffic is flowing, mid-load.
+    for _ in 0..400 {
+        if served.load(Ordering::SeqCst) >= 150 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.0.kill().unwrap(); // SIGKILL
+    gw.0.wait().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let client_200s = served.load(Ordering::SeqCst);
+    assert!(client_200s >= 150, "load was flowing: {client_200s}");
+
+    let _gw2 = spawn();
+    wait_healthy(&admin_base).await;
+    let r = send(
+        "GET",
+        &format!("{admin_base}/admin/transactions?key={id}&limit=10000"),
+        &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        "",
+    )
+    .await;
+    let txs = r.json()["transactions"].as_array().unwrap().clone();
+    let micros =
+        |t: &serde_json::Value| tollgate::money::Micros::parse(t["amount"].as_str().unwrap()).unwrap().get() as i64;
+    let sum = |kind: &str| txs.iter().filter(|t| t["kind"] == kind).map(micros).sum::<i64>();
+    let captured = txs.iter().filter(|t| t["kind"] == "debit" && t["status"] == "captured").count();
+    let pending = txs.iter().filter(|t| t["status"] == "pending").count();
+    let r = send(
+        "GET",
+        &format!("{admin_base}/admin/keys/{id}"),
+        &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        "",
+    )
+    .await;
+    let balance = tollgate::money::Micros::parse(r.json()["balance"].as_str().unwrap()).unwrap().get() as i64;
+
+    assert_eq!(pending, 0, "restart released every abandoned hold");
+    assert_eq!(balance, sum("credit") - sum("debit") + sum("refund"), "transactions explain the balance");
+    assert_eq!(balance, 10_000_000 - 2_000 * captured as i64, "only captured debits cost money");
+    assert!(captured >= client_200s, "every paid response was charged: {captured} < {client_200s}");
+    assert!(captured <= up.hits(), "nothing charged that the upstream did not serve: {captured} > {}", up.hits());
+}
