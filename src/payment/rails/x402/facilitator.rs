@@ -1,0 +1,285 @@
+//! The x402 facilitator client: `POST /verify`, `POST /settle`, `GET /supported`
+//! (x402 specification, "Facilitator interface").
+//!
+//! Built on hyper-util's pooled client with rustls, like the upstream pool. Every call
+//! is bounded by `x402.facilitator_timeout` (connect, request and reading the answer)
+//! and by [`MAX_ANSWER`] bytes. Facilitators answer refusals with HTTP 200 and also
+//! with 400 (412 for allowance errors), so the JSON of those is read too; anything else
+//! (unreachable, slow, 5xx, 401, undecodable) is a [`FacilitatorError`], which the rail
+//! turns into a fail-closed 503.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde_json::Value;
+
+use super::types::{FacilitatorRequest, SettleResponse, SupportedResponse, VerifyResponse};
+use crate::config::{duration, X402Config};
+use crate::payment::Reason;
+
+/// Longest facilitator answer read; a JSON verdict is a few hundred bytes.
+pub const MAX_ANSWER: usize = 64 * 1024;
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// A facilitator call that produced no verdict.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FacilitatorError {
+    #[error("facilitator unreachable: {0}")]
+    Unreachable(String),
+    #[error("facilitator did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("facilitator answered HTTP {0}")]
+    Status(u16),
+    #[error("facilitator answer could not be decoded: {0}")]
+    Undecodable(String),
+}
+
+impl FacilitatorError {
+    /// The `cause` shown in the 503.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            FacilitatorError::Unreachable(_) => "facilitator_unreachable",
+            FacilitatorError::Timeout(_) => "facilitator_timeout",
+            FacilitatorError::Status(_) => "facilitator_http_error",
+            FacilitatorError::Undecodable(_) => "facilitator_bad_answer",
+        }
+    }
+}
+
+/// The verdict of `POST /verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Valid { payer: Option<String> },
+    Invalid { reason: String },
+}
+
+/// One facilitator endpoint with its own connection pool.
+pub struct FacilitatorClient {
+    base: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    timeout: Duration,
+    client: Client<HttpsConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for FacilitatorClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The extra headers are credentials: never printed.
+        f.debug_struct("FacilitatorClient").field("base", &self.base).field("timeout", &self.timeout).finish()
+    }
+}
+
+impl FacilitatorClient {
+    /// Builds the client for a validated `[x402]` section.
+    pub fn new(cfg: &X402Config) -> Result<FacilitatorClient, String> {
+        let timeout = duration(&cfg.facilitator_timeout);
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let mut headers = Vec::new();
+        for (k, v) in &cfg.facilitator_headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("x402.facilitator_headers.{k}: not a valid header name"))?;
+            let mut value =
+                HeaderValue::from_str(v).map_err(|_| format!("x402.facilitator_headers.{k}: not a valid header value"))?;
+            value.set_sensitive(true);
+            headers.push((name, value));
+        }
+        Ok(FacilitatorClient { base: cfg.facilitator.trim_end_matches('/').to_owned(), headers, timeout, client })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn verify(&self, req: &FacilitatorRequest<'_>) -> Result<Verdict, FacilitatorError> {
+        let (status, body) = self.call(Method::POST, "/verify", Some(encode(req)?)).await?;
+        let json = verdict_json(status, &body)?;
+        if let Ok(v) = serde_json::from_value::<VerifyResponse>(json.clone()) {
+            return Ok(if v.is_valid {
+                Verdict::Valid { payer: v.payer }
+            } else {
+                Verdict::Invalid { reason: v.invalid_reason.unwrap_or_else(|| "unknown".to_owned()) }
+            });
+        }
+        match failure_reason(&json) {
+            Some(reason) if status != StatusCode::OK => Ok(Verdict::Invalid { reason }),
+            _ => Err(FacilitatorError::Undecodable("expected {\"isValid\": bool, …}".to_owned())),
+        }
+    }
+
+    /// The settle answer; `success: false` is an answer, not an error.
+    pub async fn settle(&self, req: &FacilitatorRequest<'_>) -> Result<SettleResponse, FacilitatorError> {
+        let (status, body) = self.call(Method::POST, "/settle", Some(encode(req)?)).await?;
+        let json = verdict_json(status, &body)?;
+        if let Ok(s) = serde_json::from_value::<SettleResponse>(json.clone()) {
+            return Ok(s);
+        }
+        match failure_reason(&json) {
+            Some(reason) if status != StatusCode::OK => Ok(SettleResponse {
+                success: false,
+                error_reason: Some(reason),
+                payer: None,
+                transaction: String::new(),
+                network: String::new(),
+            }),
+            _ => Err(FacilitatorError::Undecodable("expected {\"success\": bool, …}".to_owned())),
+        }
+    }
+
+    pub async fn supported(&self) -> Result<SupportedResponse, FacilitatorError> {
+        let (status, body) = self.call(Method::GET, "/supported", None).await?;
+        if status != StatusCode::OK {
+            return Err(FacilitatorError::Status(status.as_u16()));
+        }
+        serde_json::from_slice(&body).map_err(|e| FacilitatorError::Undecodable(e.to_string()))
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<(StatusCode, Bytes), FacilitatorError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")));
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| FacilitatorError::Unreachable(format!("bad facilitator URL: {e}")))?;
+        let exchange = async {
+            let res = self.client.request(req).await.map_err(|e| FacilitatorError::Unreachable(error_chain(&e)))?;
+            let status = res.status();
+            let body = Limited::new(res.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| FacilitatorError::Undecodable(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(self.timeout, exchange).await.map_err(|_| FacilitatorError::Timeout(self.timeout))?
+    }
+}
+
+fn encode(req: &FacilitatorRequest<'_>) -> Result<Bytes, FacilitatorError> {
+    serde_json::to_vec(req).map(Bytes::from).map_err(|e| FacilitatorError::Undecodable(e.to_string()))
+}
+
+/// The JSON of an answer that carries a verdict: 200, and the 400/412/422 some
+/// facilitators use for refusals.
+fn verdict_json(status: StatusCode, body: &[u8]) -> Result<Value, FacilitatorError> {
+    if !matches!(status.as_u16(), 200 | 400 | 402 | 412 | 422) {
+        return Err(FacilitatorError::Status(status.as_u16()));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        _ if status == StatusCode::OK => Err(FacilitatorError::Undecodable("the answer is not a JSON object".into())),
+        _ => Err(FacilitatorError::Status(status.as_u16())),
+    }
+}
+
+/// A refusal reason in an answer that is not the documented shape.
+fn failure_reason(v: &Value) -> Option<String> {
+    ["invalidReason", "errorReason", "error", "errorType"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_str))
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Maps a facilitator's `invalidReason` / `errorReason` to a DESIGN §4 reason. The
+/// original string goes in the problem's `cause`.
+pub fn map_reason(reason: &str) -> Reason {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("insufficient_funds") {
+        Reason::InsufficientFunds
+    } else if r.contains("valid_before") || r.contains("valid_after") || r.contains("expired") {
+        Reason::PaymentExpired
+    } else if r.contains("nonce") {
+        Reason::PaymentReplayed
+    } else if r == "invalid_network" || r.contains("network_mismatch") || r.contains("scheme") {
+        Reason::PaymentMethodUnsupported
+    } else if r == "invalid_payload" || r == "invalid_x402_version" {
+        Reason::PaymentMalformed
+    } else {
+        Reason::PaymentInvalid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facilitator_reasons_map_to_design_reasons() {
+        let cases = [
+            ("insufficient_funds", Reason::InsufficientFunds),
+            ("invalid_exact_evm_payload_authorization_valid_before", Reason::PaymentExpired),
+            ("invalid_exact_evm_payload_authorization_valid_after", Reason::PaymentExpired),
+            ("invalid_exact_evm_payload_signature", Reason::PaymentInvalid),
+            ("invalid_exact_evm_signature", Reason::PaymentInvalid),
+            ("invalid_exact_evm_authorization_value", Reason::PaymentInvalid),
+            ("invalid_exact_evm_recipient_mismatch", Reason::PaymentInvalid),
+            ("invalid_exact_evm_nonce_already_used", Reason::PaymentReplayed),
+            ("invalid_network", Reason::PaymentMethodUnsupported),
+            ("invalid_scheme", Reason::PaymentMethodUnsupported),
+            ("unsupported_scheme", Reason::PaymentMethodUnsupported),
+            ("invalid_payload", Reason::PaymentMalformed),
+            ("invalid_x402_version", Reason::PaymentMalformed),
+            ("unexpected_verify_error", Reason::PaymentInvalid),
+            ("something_new", Reason::PaymentInvalid),
+        ];
+        for (s, want) in cases {
+            assert_eq!(map_reason(s), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn refusals_in_4xx_bodies_are_read_and_5xx_are_errors() {
+        let j = verdict_json(StatusCode::BAD_REQUEST, br#"{"isValid":false,"invalidReason":"insufficient_funds"}"#);
+        assert!(j.is_ok());
+        assert_eq!(verdict_json(StatusCode::BAD_GATEWAY, b"{}"), Err(FacilitatorError::Status(502)));
+        assert_eq!(verdict_json(StatusCode::UNAUTHORIZED, b"{}"), Err(FacilitatorError::Status(401)));
+        assert_eq!(verdict_json(StatusCode::BAD_REQUEST, b"<html>"), Err(FacilitatorError::Status(400)));
+        assert!(matches!(verdict_json(StatusCode::OK, b"[]"), Err(FacilitatorError::Undecodable(_))));
+        assert_eq!(failure_reason(&serde_json::json!({"errorReason": "x"})).as_deref(), Some("x"));
+    }
+}
