@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::Response;
 use support::*;
 use tollgate::ledger::TxKind;
 use tollgate::money::Micros;

@@ -258,7 +258,8 @@ ok",
     assert_eq!(r.header("content-length"), Some("2"));
 
     // On the wire too, with the client closing: only the gateway's own `close`.
-    let raw = Raw::parse(&raw_exchange(addr(&gw), b"GET /resp HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").await);
+    let raw =
+        Raw::parse(&raw_exchange(addr(&gw), b"GET /resp HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").await);
     assert_eq!(raw.status, 200);
     assert_eq!(raw.header("connection"), Some("close"));
     assert_eq!(raw.header("x-hop-resp"), None);
@@ -576,11 +577,13 @@ async fn websocket_echo_passes_through() {
 
 #[tokio::test]
 async fn head_keeps_content_length_and_sends_no_body() {
-    let (url, heads) =
-        raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")
-            .await;
+    let (url, heads) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let gw = gateway(&free_all(&url)).await;
-    let raw = Raw::parse(&raw_exchange(addr(&gw), b"HEAD /file HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").await);
+    let raw =
+        Raw::parse(&raw_exchange(addr(&gw), b"HEAD /file HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").await);
     assert_eq!(raw.status, 200);
     assert_eq!(raw.header("content-length"), Some("1234"));
     assert_eq!(raw.header("content-type"), Some("text/plain"));
@@ -610,7 +613,8 @@ async fn no_content_and_not_modified_have_no_body() {
     .await;
     let gw = gateway(&free_all(&up.url())).await;
 
-    let raw = Raw::parse(&raw_exchange(addr(&gw), b"DELETE /gone HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").await);
+    let raw =
+        Raw::parse(&raw_exchange(addr(&gw), b"DELETE /gone HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").await);
     assert_eq!(raw.status, 204);
     assert_eq!(raw.header("transfer-encoding"), None);
     assert_eq!(raw.header("content-length"), None);
@@ -746,9 +750,9 @@ async fn slow_header_clients_are_cut_off_while_others_are_served() {
     let started = Instant::now();
     let stallers: Vec<_> = [
         &b"GET /slow HTTP/1.1\r\nHost: gw\r\nX-Partial: ab"[..],
-        b"",                  // connects and says nothing
+        b"",                   // connects and says nothing
         b"PRI * HTTP/2.0\r\n", // half an HTTP/2 preface
-        b"G",                 // one byte
+        b"G",                  // one byte
     ]
     .into_iter()
     .map(|bytes| {
@@ -769,7 +773,11 @@ async fn slow_header_clients_are_cut_off_while_others_are_served() {
         let (elapsed, got) = s.await.unwrap();
         assert!(elapsed >= Duration::from_millis(450), "staller {i} cut after {elapsed:?}, before the timeout");
         assert!(elapsed < Duration::from_secs(5), "staller {i} still connected after {elapsed:?}");
-        assert!(got.is_empty() || got.starts_with(b"HTTP/1.1 408"), "staller {i} got {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+            "staller {i} got {:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
     assert_eq!(up.hits(), 5);
     gw.shutdown().await;
@@ -948,14 +956,14 @@ async fn malformed_input_never_panics_and_the_gateway_keeps_serving() {
         b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec(),
         b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
         b"GET / HTTP/9.9\r\nHost: gw\r\n\r\n".to_vec(),
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n".to_vec(),
-        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n".to_vec(),
+        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\nConnection: close\r\n\r\n".to_vec(),
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x10\x01\x05\x00\x00\x00\x01\x00"
-            .to_vec(),
+        // A SETTINGS frame whose length is not a multiple of 6: FRAME_SIZE_ERROR.
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x05\x04\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00".to_vec(),
     ];
-    let hits_before = up.hits();
     for input in &inputs {
+        let hits_before = up.hits();
         let got = raw_exchange(addr(&gw), input).await;
         let shown = String::from_utf8_lossy(&input[..input.len().min(60)]).into_owned();
         if got.starts_with(b"HTTP/1.1 ") {
@@ -964,10 +972,13 @@ async fn malformed_input_never_panics_and_the_gateway_keeps_serving() {
         } else if !got.is_empty() && !input.starts_with(b"PRI") {
             panic!("{shown:?} got {:?}", String::from_utf8_lossy(&got));
         }
+        // A head that parsed may already be upstream when its chunked body turns out bad.
+        if !input.ends_with(b"0\r\n\r\n") {
+            assert_eq!(up.hits(), hits_before, "{shown:?} reached the upstream");
+        }
         let r = get(&gw.url("/still-ok"), &[]).await;
         assert_eq!(r.status, 200, "after {shown:?}");
     }
-    assert_eq!(up.hits() - hits_before, inputs.len(), "only the follow-up requests reached the upstream");
     assert_eq!(WORKER_PANICS.load(Ordering::SeqCst), 0, "a gateway task panicked");
     gw.shutdown().await;
 }

@@ -114,6 +114,10 @@ impl TrustedProxies {
 
     /// Sets `X-Forwarded-For/-Proto/-Host`. From an untrusted peer, whatever it sent is
     /// replaced; from a trusted proxy, its values are kept and the peer appended.
+    ///
+    /// `X-Forwarded-Host` is the `Host` the client sent, port included (as Go's
+    /// `ReverseProxy`, Traefik and Envoy do), so an upstream can rebuild its public
+    /// URLs; `host` is used only when the request has no `Host` field.
     pub fn set_forwarded(&self, headers: &mut HeaderMap, peer: IpAddr, proto: &'static str, host: Option<&str>) {
         let peer = canonical(peer);
         let trusted = self.contains(peer);
@@ -134,7 +138,8 @@ impl TrustedProxies {
             headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
         }
         if !(trusted && headers.contains_key("x-forwarded-host")) {
-            match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            let original = headers.get(header::HOST).filter(|h| !h.is_empty()).cloned();
+            match original.or_else(|| host.and_then(|h| HeaderValue::from_str(h).ok())) {
                 Some(h) => {
                     headers.insert("x-forwarded-host", h);
                 }
@@ -193,6 +198,14 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
+    }
+
+    #[test]
+    fn forwarded_host_is_the_client_host_with_its_port() {
+        let tp = TrustedProxies::new(Vec::new());
+        let mut h = map(&[("host", "API.example.com:8443"), ("x-forwarded-host", "evil.test")]);
+        tp.set_forwarded(&mut h, "203.0.113.9".parse().unwrap(), "https", Some("api.example.com"));
+        assert_eq!(h["x-forwarded-host"], "API.example.com:8443");
     }
 
     #[test]

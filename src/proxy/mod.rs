@@ -7,12 +7,17 @@
 pub mod headers;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -30,6 +35,47 @@ type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+}
+
+/// Why a request is refused before it reaches the gateway proper.
+#[derive(Debug, thiserror::Error)]
+pub enum Malformed {
+    #[error("the request has more than one Host header (RFC 9112 §3.2)")]
+    DuplicateHost,
+    #[error("CONNECT tunnels are not supported: tollgate is a reverse proxy")]
+    Connect,
+}
+
+/// Puts a request from a client into the shape the rest of the gateway expects, before
+/// anything else reads or adds a header:
+///
+/// - hop-by-hop fields, and those the client named in `Connection`, are removed now, so
+///   that a client cannot make the gateway drop the fields it adds itself (a request
+///   with `Connection: X-Forwarded-For` must still reach the upstream with one); an
+///   upgrade request keeps exactly `Connection: upgrade` and its `Upgrade`;
+/// - `Host` is made to agree with the request target's authority when there is one
+///   (HTTP/2 `:authority`, HTTP/1.1 absolute-form; RFC 9112 §3.2.2);
+/// - requests that cannot be proxied safely are refused.
+pub fn prepare_request<B>(req: &mut Request<B>) -> Result<(), Malformed> {
+    if req.method() == Method::CONNECT {
+        return Err(Malformed::Connect);
+    }
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Malformed::DuplicateHost);
+    }
+    if let Some(authority) = req.uri().authority() {
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    let upgrade = headers::upgrade_request(req.headers());
+    let h = req.headers_mut();
+    headers::strip_hop_by_hop(h);
+    if let Some(proto) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, proto);
+    }
+    Ok(())
 }
 
 /// Why forwarding failed; each maps to one synthetic response.
@@ -53,7 +99,7 @@ pub struct Upstream {
     base_path: String,
     timeout: Duration,
     inject: Vec<(HeaderName, HeaderValue)>,
-    client: Client<HttpsConnector, Incoming>,
+    client: Client<HttpsConnector, RequestBody>,
     duration: prometheus_client::metrics::histogram::Histogram,
 }
 
@@ -154,11 +200,18 @@ impl Upstream {
             h.insert(header::UPGRADE, proto.clone());
         }
 
+        let client_failed = Arc::new(AtomicBool::new(false));
+        let req = req.map(|inner| RequestBody { inner, failed: client_failed.clone() });
+
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
         self.duration.observe(started.elapsed().as_secs_f64());
         let mut res = match result {
             Err(_) => return Err(ProxyError::Timeout { upstream: self.name.clone(), timeout: self.timeout }),
+            // The client's own body broke (bad chunk, cut short): its fault, not the upstream's.
+            Ok(Err(_)) if client_failed.load(Ordering::Acquire) => {
+                return Err(ProxyError::BadRequest("the request body is malformed or was cut short".to_owned()))
+            }
             Ok(Err(e)) if e.is_connect() => {
                 return Err(ProxyError::Connect { upstream: self.name.clone(), source: Box::new(e) })
             }
@@ -192,6 +245,34 @@ impl Upstream {
         }
         headers::strip_hop_by_hop(res.headers_mut());
         Ok(res.map(|b| b.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+/// The client's request body on its way upstream. It streams untouched; it only notes
+/// whether reading it failed, so that failure is answered 400 rather than 502.
+pub struct RequestBody {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -1,0 +1,437 @@
+//! Lifecycle: reload, admin auth, graceful shutdown, signals and `tollgate check`
+//! (DESIGN §2, §6, §8).
+//!
+//! In-process tests drive the gateway through `tests/support`; the signal tests run the
+//! built binary. Ordering is proven with channels (an upstream that holds its answer
+//! until the test releases it), never with sleeps; time bounds are generous ceilings.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use support::*;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tollgate::Body;
+
+const T: Duration = Duration::from_secs(10);
+
+// === helpers ===
+
+fn upstream_section(url: &str) -> String {
+    format!("[[upstream]]\nname = \"api\"\nurl = \"{url}\"\n\n")
+}
+
+fn free_route(name: &str, path: &str) -> String {
+    format!("[[route]]\nname = \"{name}\"\nupstream = \"api\"\npath = \"{path}\"\nfree = true\n\n")
+}
+
+fn priced_route(name: &str, path: &str, price: &str) -> String {
+    format!(
+        "[[route]]\nname = \"{name}\"\nupstream = \"api\"\npath = \"{path}\"\nprice = \"{price}\"\naccept = [\"credits\"]\n\n"
+    )
+}
+
+/// Rewrites the running gateway's config file: the harness's base sections, then `rest`.
+fn rewrite_config(gw: &Gateway, rest: &str) {
+    let db = gw.dir.path().join("ledger.db");
+    let text = format!("{}{rest}", base_config()).replace("{db}", &db.display().to_string());
+    std::fs::write(&gw.config_path, text).unwrap();
+}
+
+fn addr(gw: &Gateway) -> SocketAddr {
+    gw.running.as_ref().unwrap().addr
+}
+
+/// A body fed by the returned sender; it ends when the sender drops.
+fn channel_body() -> (mpsc::Sender<Bytes>, Body) {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, tollgate::BoxError>(Frame::data(b)), rx))
+    });
+    (tx, http_body_util::StreamBody::new(stream).boxed_unsync())
+}
+
+/// An upstream that answers paths containing `/slow` only when the test calls `release`, telling the
+/// test (through `arrived`) when such a request got there; anything else is 200 `ok`.
+struct Gated {
+    up: Upstream,
+    arrived: mpsc::Receiver<()>,
+    release: Arc<Notify>,
+}
+
+async fn gated_upstream() -> Gated {
+    let (tx, arrived) = mpsc::channel(8);
+    let release = Arc::new(Notify::new());
+    let r = release.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let (tx, r) = (tx.clone(), r.clone());
+        async move {
+            if req.uri().path().contains("/slow") {
+                let released = r.notified();
+                let _ = tx.send(()).await;
+                released.await;
+                return Response::new(tollgate::full("finally"));
+            }
+            Response::new(tollgate::full("ok"))
+        }
+    })
+    .await;
+    Gated { up, arrived, release }
+}
+
+impl Gated {
+    async fn wait_arrival(&mut self) {
+        tokio::time::timeout(T, self.arrived.recv()).await.expect("request reached the upstream").unwrap();
+    }
+}
+
+/// Polls until a TCP connection to `addr` is refused.
+async fn until_refused(addr: SocketAddr) {
+    let refused = async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(T, refused).await.expect("new connections refused after shutdown began");
+}
+
+/// One GET that may fail (the gateway may be starting or stopping): status or None.
+async fn try_get(url: &str) -> Option<u16> {
+    let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(2), client().request(req)).await.ok()?.ok()?;
+    Some(res.status().as_u16())
+}
+
+// === reload ===
+
+#[tokio::test]
+async fn admin_reload_swaps_routes_and_prices() {
+    let up = ok_upstream().await;
+    let before = format!(
+        "{}{}{}",
+        upstream_section(&up.url()),
+        free_route("a", "/a/*"),
+        priced_route("paid", "/paid/*", "0.002")
+    );
+    let gw = gateway(&before).await;
+    assert_eq!(get(&gw.url("/a/x"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/b/x"), &[]).await.status, 404);
+    let r = get(&gw.url("/paid/x"), &[]).await;
+    assert_eq!(r.status, 402);
+    assert_eq!(r.json()["price"]["amount"], "0.002");
+
+    rewrite_config(
+        &gw,
+        &format!(
+            "{}{}{}{}",
+            upstream_section(&up.url()),
+            free_route("a", "/a/*"),
+            free_route("b", "/b/*"),
+            priced_route("paid", "/paid/*", "0.005")
+        ),
+    );
+    let r = admin(&gw, "POST", "/admin/reload", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "reloaded");
+
+    assert_eq!(get(&gw.url("/b/x"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/a/x"), &[]).await.status, 200);
+    let r = get(&gw.url("/paid/x"), &[]).await;
+    assert_eq!(r.status, 402);
+    assert_eq!(r.json()["price"]["amount"], "0.005");
+    assert_eq!(up.hits(), 3);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn gateway_reload_swaps_routes() {
+    let up = ok_upstream().await;
+    let gw = gateway(&format!("{}{}", upstream_section(&up.url()), free_route("a", "/a/*"))).await;
+    assert_eq!(get(&gw.url("/c/x"), &[]).await.status, 404);
+    rewrite_config(&gw, &format!("{}{}", upstream_section(&up.url()), free_route("c", "/c/*")));
+    gw.gw().reload().await.expect("valid config reloads");
+    assert_eq!(get(&gw.url("/c/x"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/a/x"), &[]).await.status, 404);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_reload_is_refused_with_every_error_and_the_old_config_keeps_serving() {
+    let up = ok_upstream().await;
+    let gw = gateway(&format!("{}{}", upstream_section(&up.url()), free_route("a", "/a/*"))).await;
+    rewrite_config(
+        &gw,
+        &format!(
+            "[[upstream]]\nname = \"api\"\nurl = \"{}\"\ntimeout = \"soon\"\n\n{}{}{}",
+            up.url(),
+            free_route("a", "/a/*"),
+            free_route("b", "/b/*").replace("upstream = \"api\"", "upstream = \"nope\""),
+            priced_route("c", "/c/*", "abc"),
+        ),
+    );
+    let expected = ["upstream[0].timeout: ", "route[1].upstream: ", "route[2].price: "];
+
+    let r = admin(&gw, "POST", "/admin/reload", "").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["status"], "refused");
+    let errors: Vec<&str> = j["errors"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    for (e, prefix) in errors.iter().zip(expected) {
+        assert!(e.starts_with(prefix), "{e:?} should start with {prefix:?}");
+    }
+
+    let e = gw.gw().reload().await.expect_err("invalid config refused");
+    assert_eq!(e.0, errors);
+
+    // The old config is untouched.
+    assert_eq!(get(&gw.url("/a/x"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/b/x"), &[]).await.status, 404);
+    assert_eq!(get(&gw.url("/c/x"), &[]).await.status, 404);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn in_flight_stream_completes_across_a_reload() {
+    let slot: Arc<Mutex<Option<Body>>> = Arc::default();
+    let (tx, body) = channel_body();
+    *slot.lock().unwrap() = Some(body);
+    let s = slot.clone();
+    let up = upstream(move |_req| {
+        let body = s.lock().unwrap().take().unwrap_or_else(|| tollgate::full("later"));
+        async move { Response::new(body) }
+    })
+    .await;
+    let gw = gateway(&format!("{}{}", upstream_section(&up.url()), free_route("stream", "/stream/*"))).await;
+
+    let res = tokio::time::timeout(T, client().get(gw.url("/stream/feed").parse().unwrap())).await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    tx.send(Bytes::from_static(b"before;")).await.unwrap();
+    let first = tokio::time::timeout(T, body.frame()).await.unwrap().unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "before;");
+
+    // The route this stream came through disappears.
+    rewrite_config(&gw, &format!("{}{}", upstream_section(&up.url()), free_route("other", "/other/*")));
+    let r = admin(&gw, "POST", "/admin/reload", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(get(&gw.url("/stream/feed"), &[]).await.status, 404);
+
+    tx.send(Bytes::from_static(b"after;")).await.unwrap();
+    tx.send(Bytes::from_static(b"end")).await.unwrap();
+    drop(tx);
+    let rest = tokio::time::timeout(T, body.collect()).await.unwrap().unwrap().to_bytes();
+    assert_eq!(rest, "after;end");
+    gw.shutdown().await;
+}
+
+// === admin auth ===
+
+#[tokio::test]
+async fn admin_api_needs_the_token_and_probes_do_not() {
+    let up = ok_upstream().await;
+    let gw = gateway(&format!("{}{}", upstream_section(&up.url()), free_route("a", "/a/*"))).await;
+
+    let r = send("POST", &gw.admin_url("/admin/reload"), &[], "").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"tollgate-admin\""));
+    for wrong in ["Bearer wrong-token-0123456789", "Bearer test-admin-token-012345678", "Basic dGVzdA==", "Bearer"] {
+        let r = send("POST", &gw.admin_url("/admin/reload"), &[("authorization", wrong)], "").await;
+        assert_eq!(r.status, 401, "{wrong}");
+    }
+
+    let r = get(&gw.admin_url("/metrics"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("tollgate_"), "{}", r.text());
+    assert_eq!(get(&gw.admin_url("/healthz"), &[]).await.status, 200);
+    let r = get(&gw.admin_url("/readyz"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ready");
+    gw.shutdown().await;
+}
+
+// === graceful shutdown ===
+
+#[tokio::test]
+async fn graceful_shutdown_drains_in_flight_requests() {
+    let mut g = gated_upstream().await;
+    let mut gw = gateway(&format!("{}{}", upstream_section(&g.up.url()), free_route("all", "/*"))).await;
+    let a = addr(&gw);
+    let url = gw.url("/slow/report");
+    let in_flight = tokio::spawn(async move { get(&url, &[]).await });
+    g.wait_arrival().await;
+
+    let running = gw.running.take().unwrap();
+    let _ = running.shutdown_handle().send(true);
+    let stopped = tokio::spawn(running.wait());
+    until_refused(a).await;
+    assert!(!stopped.is_finished(), "shutdown finished while a request was in flight");
+
+    g.release.notify_one();
+    let r = tokio::time::timeout(T, in_flight).await.unwrap().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "finally");
+    tokio::time::timeout(T, stopped).await.expect("shutdown completes after the drain").unwrap();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_deadline_closes_connections_that_do_not_finish() {
+    let mut g = gated_upstream().await;
+    let mut gw = gateway_edit(&format!("{}{}", upstream_section(&g.up.url()), free_route("all", "/*")), |t| {
+        t.replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"300ms\"")
+    })
+    .await;
+    let req = Request::get(gw.url("/slow/forever")).body(Full::new(Bytes::new())).unwrap();
+    let in_flight = tokio::spawn(client().request(req));
+    g.wait_arrival().await;
+
+    let running = gw.running.take().unwrap();
+    let _ = running.shutdown_handle().send(true);
+    tokio::time::timeout(T, running.wait()).await.expect("shutdown completes at its deadline");
+    // The stuck request's connection was closed, not left running in the background.
+    let res = tokio::time::timeout(T, in_flight).await.expect("connection closed at the deadline").unwrap();
+    assert!(res.is_err(), "{res:?}");
+    gw.shutdown().await;
+}
+
+// === the binary: signals and `check` ===
+
+/// The `tollgate` child process; killed (by PID) and reaped however the test ends.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn signal(child: &ChildGuard, sig: &str) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(child.0.id().to_string()).status().unwrap();
+    assert!(status.success(), "kill -{sig} failed");
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_sigterm_drains_then_exits_zero() {
+    let mut g = gated_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let config = |routes: &str| {
+        base_config()
+            .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1)
+            .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin_port}\""), 1)
+            .replace("{db}", &dir.path().join("ledger.db").display().to_string())
+            + &upstream_section(&g.up.url())
+            + routes
+    };
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, config(&free_route("a", "/a/*"))).unwrap();
+    let child = Command::new(binary())
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let base = format!("http://127.0.0.1:{port}");
+
+    let ready = async {
+        while try_get(&format!("http://127.0.0.1:{admin_port}/healthz")).await != Some(200) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(T, ready)
+        .await
+        .unwrap_or_else(|_| panic!("gateway never became ready:\n{}", log_of(dir.path())));
+    // The binary installs its signal handlers right after it starts listening; leave it
+    // a moment so SIGHUP is not taken by the default action (which would kill it).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(try_get(&format!("{base}/a/x")).await, Some(200));
+    assert_eq!(try_get(&format!("{base}/b/x")).await, Some(404));
+
+    // SIGHUP: the new route works.
+    std::fs::write(&path, config(&(free_route("a", "/a/*") + &free_route("b", "/b/*")))).unwrap();
+    signal(&child, "HUP");
+    let reloaded = async {
+        while try_get(&format!("{base}/b/x")).await != Some(200) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(T, reloaded)
+        .await
+        .unwrap_or_else(|_| panic!("SIGHUP did not reload:\n{}", log_of(dir.path())));
+    assert!(child.0.try_wait().unwrap().is_none(), "SIGHUP killed the process");
+
+    // SIGTERM with a request in flight: it completes, then the process exits 0.
+    let (done_tx, done_rx) = oneshot::channel();
+    let slow = format!("{base}/a/slow");
+    tokio::spawn(async move {
+        let _ = done_tx.send(get(&slow, &[]).await);
+    });
+    g.wait_arrival().await;
+    signal(&child, "TERM");
+    until_refused(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    assert!(child.0.try_wait().unwrap().is_none(), "exited before draining");
+    g.release.notify_one();
+    let r = tokio::time::timeout(T, done_rx).await.unwrap().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "finally");
+    let exited = async {
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let status = tokio::time::timeout(T, exited).await.expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", log_of(dir.path()));
+}
+
+#[test]
+fn check_prints_every_mistake_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:8080\"\n\n\
+[[upstream]]\nname = \"api\"\nurl = \"http://127.0.0.1:3000\"\ntimeout = \"soon\"\n\n\
+[[route]]\nname = \"chat\"\nupstream = \"ap\"\npath = \"/v1/*\"\nprice = \"two cents\"\naccept = [\"credits\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(binary()).arg("check").arg("--config").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("  ")).map(str::trim).collect();
+    assert_eq!(errors.len(), 3, "{stderr}");
+    assert!(errors[0].starts_with("upstream[0].timeout: "), "{stderr}");
+    assert!(errors[1].starts_with("route[0].upstream: no upstream named \"ap\""), "{stderr}");
+    assert!(errors[2].starts_with("route[0].price: "), "{stderr}");
+    assert!(stderr.contains("3 error(s)"), "{stderr}");
+
+    // And a good file passes.
+    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:8080\"\n").unwrap();
+    let out = Command::new(binary()).arg("check").arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
