@@ -12,10 +12,12 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigErrors, LedgerBackend};
 use crate::gateway::{Gateway, RailFactory};
+use crate::ledger::postgres::{PostgresLedger, PostgresOptions};
 use crate::ledger::sqlite::{SqliteLedger, SqliteOptions};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::payment::rails::credits::Credits;
+use crate::payment::rails::x402::X402;
 use crate::payment::{Rail, Rails};
 use crate::server::{self, Limits};
 
@@ -39,7 +41,13 @@ pub async fn open_ledger(cfg: &Config) -> Result<Arc<dyn Ledger>, String> {
             Ok(Arc::new(l))
         }
         LedgerBackend::Postgres => {
-            Err("ledger.backend = \"postgres\" is not available in this build yet; use \"sqlite\"".to_owned())
+            let url = cfg.ledger.url.as_deref().ok_or("ledger.url is required when ledger.backend = \"postgres\"")?;
+            let opts = PostgresOptions {
+                pool_size: cfg.ledger.pool_size,
+                statement_timeout: crate::config::duration(&cfg.ledger.statement_timeout),
+            };
+            let l = PostgresLedger::connect(url, opts).await.map_err(|e| format!("ledger (postgres): {e}"))?;
+            Ok(Arc::new(l))
         }
     }
 }
@@ -47,7 +55,10 @@ pub async fn open_ledger(cfg: &Config) -> Result<Arc<dyn Ledger>, String> {
 /// The rails every build offers: credits, and x402 when configured.
 pub fn default_rails() -> RailFactory {
     Arc::new(|cfg: &Config, ledger: &Arc<dyn Ledger>, metrics: &Arc<Metrics>| {
-        let rails: Vec<Arc<dyn Rail>> = vec![Arc::new(Credits::new(&cfg.credits, ledger.clone(), metrics.clone()))];
+        let mut rails: Vec<Arc<dyn Rail>> = vec![Arc::new(Credits::new(&cfg.credits, ledger.clone(), metrics.clone()))];
+        if let Some(x) = &cfg.x402 {
+            rails.push(Arc::new(X402::new(x, ledger.clone(), metrics.clone())?));
+        }
         Ok(Rails::new(rails))
     })
 }
@@ -159,42 +170,51 @@ async fn sweeper(gw: Gateway, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Runs until SIGTERM/SIGINT; SIGHUP reloads the config.
-pub async fn run_until_signalled(running: Running) {
+/// The process signals tollgate handles. Install them *before* binding listeners:
+/// a SIGHUP or SIGTERM that arrives between start-up and installation would otherwise
+/// take its default action and kill the process.
+#[derive(Debug)]
+pub struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Runs until SIGTERM/SIGINT (then drains); SIGHUP reloads the config.
+pub async fn run_until_signalled(running: Running, mut signals: Signals) {
     let gw = running.gateway.clone();
     let stop = running.shutdown_handle();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup()).ok();
-        let mut term = signal(SignalKind::terminate()).ok();
-        let signals = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                        tracing::info!("SIGHUP: reloading config");
-                        let _ = gw.reload().await;
-                    }
-                    _ = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
-                        tracing::info!("SIGTERM: shutting down");
-                        let _ = stop.send(true);
-                        return;
-                    }
-                    _ = tokio::signal::ctrl_c() => {
-                        tracing::info!("SIGINT: shutting down");
-                        let _ = stop.send(true);
-                        return;
-                    }
+    let handler = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = signals.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading config");
+                    let _ = gw.reload().await;
+                }
+                _ = signals.term.recv() => {
+                    tracing::info!("SIGTERM: draining and shutting down");
+                    let _ = stop.send(true);
+                    return;
+                }
+                _ = signals.int.recv() => {
+                    tracing::info!("SIGINT: draining and shutting down");
+                    let _ = stop.send(true);
+                    return;
                 }
             }
-        });
-        running.wait().await;
-        signals.abort();
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        let _ = stop.send(true);
-        running.wait().await;
-    }
+        }
+    });
+    running.wait().await;
+    handler.abort();
 }

@@ -150,6 +150,13 @@ fn check(path: &Path) -> ExitCode {
 }
 
 async fn run(cfg: Config, path: PathBuf) -> ExitCode {
+    let signals = match crate::app::Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let ledger = match crate::app::open_ledger(&cfg).await {
         Ok(l) => l,
         Err(e) => {
@@ -159,7 +166,7 @@ async fn run(cfg: Config, path: PathBuf) -> ExitCode {
     };
     match crate::app::start(cfg, Some(path), ledger, crate::app::default_rails()).await {
         Ok(running) => {
-            crate::app::run_until_signalled(running).await;
+            crate::app::run_until_signalled(running, signals).await;
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -103,6 +103,7 @@ pub async fn run(listen: &str, admin_listen: &str) -> ExitCode {
 }
 
 async fn run_inner(listen: &str, admin_listen: &str) -> Result<(), String> {
+    let signals = crate::app::Signals::install().map_err(|e| format!("signal handlers: {e}"))?;
     let dir = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let upstream = sample_upstream().await.map_err(|e| format!("sample upstream: {e}"))?;
@@ -148,7 +149,7 @@ Press Ctrl-C to stop.
         id = key.id,
         key = key.key,
     );
-    crate::app::run_until_signalled(running).await;
+    crate::app::run_until_signalled(running, signals).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -135,7 +135,9 @@ pub fn normalize_path(raw: &str) -> std::borrow::Cow<'_, str> {
     if !needs {
         return std::borrow::Cow::Borrowed(raw);
     }
-    // Decode only unreserved characters; %2F and friends keep their meaning.
+    // Decode unreserved characters, and `%2F` to `/`: an upstream that decodes it
+    // before routing would otherwise serve `/v1/chat%2Fx` as `/v1/chat/x` while it
+    // matched a free route here. Other reserved characters keep their encoding.
     let bytes = raw.as_bytes();
     let mut decoded = String::with_capacity(raw.len());
     let mut i = 0;
@@ -143,7 +145,7 @@ pub fn normalize_path(raw: &str) -> std::borrow::Cow<'_, str> {
         if bytes[i] == b'%' && i + 2 < bytes.len() {
             let hex = &raw[i + 1..i + 3];
             if let Ok(b) = u8::from_str_radix(hex, 16) {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
                     decoded.push(b as char);
                 } else {
                     decoded.push('%');
@@ -216,7 +218,8 @@ mod tests {
         assert_eq!(normalize_path("/docs/../v1/chat/x"), "/v1/chat/x");
         assert_eq!(normalize_path("/docs/%2e%2e/v1/chat"), "/v1/chat");
         assert_eq!(normalize_path("//v1//chat/"), "/v1/chat/");
-        assert_eq!(normalize_path("/a/%2Fb"), "/a/%2Fb");
+        assert_eq!(normalize_path("/v1/chat%2Fcompletions"), "/v1/chat/completions");
+        assert_eq!(normalize_path("/a/%3Fb"), "/a/%3Fb");
         assert_eq!(normalize_path("/../.."), "/");
         assert_eq!(normalize_path("/bad%zz"), "/bad%zz");
         assert_eq!(normalize_path("/end%4"), "/end%4");

@@ -646,3 +646,20 @@ async fn check_after_crash(path: &Path, key_id: &str) {
     let sum = |kind| rows.iter().filter(|t| t.kind == kind).map(|t| t.amount.get()).sum::<u64>();
     assert_eq!(sum(TxKind::Credit) - sum(TxKind::Debit) + sum(TxKind::Refund), 1_000_000 - 6_000 + 500);
 }
+
+// === PostgreSQL ===
+
+#[path = "support/pg.rs"]
+mod pg;
+
+// A throwaway cluster per test (about a second to `initdb` and start), a database in
+// it, and the ledger on that database. The cluster is the guard: dropping it stops the
+// server and removes its files.
+conformance_suite!(postgres, async {
+    use tollgate::ledger::postgres::{PostgresLedger, PostgresOptions};
+    let cluster = pg::Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let opts = PostgresOptions { pool_size: 8, statement_timeout: Duration::from_secs(10) };
+    let ledger: Arc<dyn Ledger> = Arc::new(PostgresLedger::connect(&url, opts).await.unwrap());
+    (ledger, cluster)
+});

@@ -3,6 +3,9 @@
 //! small HTTP client.
 #![allow(dead_code)]
 
+pub mod facilitator;
+pub mod pg;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;

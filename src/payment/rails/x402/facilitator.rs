@@ -99,8 +99,8 @@ impl FacilitatorClient {
         for (k, v) in &cfg.facilitator_headers {
             let name = HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| format!("x402.facilitator_headers.{k}: not a valid header name"))?;
-            let mut value =
-                HeaderValue::from_str(v).map_err(|_| format!("x402.facilitator_headers.{k}: not a valid header value"))?;
+            let mut value = HeaderValue::from_str(v)
+                .map_err(|_| format!("x402.facilitator_headers.{k}: not a valid header value"))?;
             value.set_sensitive(true);
             headers.push((name, value));
         }

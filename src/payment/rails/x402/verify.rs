@@ -224,3 +224,220 @@ fn bytes32(s: &str) -> Option<B256> {
     hex::decode_to_slice(h, &mut out).ok()?;
     Some(B256::from(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy_signer::SignerSync;
+    use serde_json::Value;
+
+    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/spec/x402-vectors.json");
+    /// Between the vectors' validAfter (1740672089) and validBefore (1740672154).
+    const VECTOR_NOW: u64 = 1_740_672_100;
+
+    fn vectors() -> Value {
+        let text = std::fs::read_to_string(VECTORS).unwrap_or_else(|e| panic!("{VECTORS}: {e}"));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn s(v: &Value) -> &str {
+        v.as_str().unwrap()
+    }
+
+    fn domain_of(d: &Value) -> Eip712Domain {
+        domain(
+            s(&d["name"]),
+            s(&d["version"]),
+            d["chainId"].as_u64().unwrap(),
+            address(s(&d["verifyingContract"])).unwrap(),
+        )
+    }
+
+    fn payload(auth: &Value, signature: &str) -> ExactEvmPayload {
+        ExactEvmPayload {
+            signature: signature.to_owned(),
+            authorization: serde_json::from_value(auth.clone()).unwrap(),
+        }
+    }
+
+    fn b256(v: &Value) -> B256 {
+        bytes32(s(v)).unwrap()
+    }
+
+    fn expected<'d>(d: &'d Eip712Domain, to: &str, amount: u64) -> Expected<'d> {
+        Expected { pay_to: address(to).unwrap(), amount: U256::from(amount), exact_amount: true, domain: d }
+    }
+
+    #[test]
+    fn domain_separators_match_the_known_usdc_domains() {
+        let v = vectors();
+        let sepolia = domain_of(&v["domain"]);
+        assert_eq!(sepolia.separator(), b256(&v["known_domain_separators"]["base-sepolia-usdc"]));
+        let base = domain("USD Coin", "2", 8453, address("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913").unwrap());
+        assert_eq!(base.separator(), b256(&v["known_domain_separators"]["base-usdc"]));
+    }
+
+    #[test]
+    fn typehash_is_eip3009() {
+        let t = TransferWithAuthorization {
+            from: Address::ZERO,
+            to: Address::ZERO,
+            value: U256::ZERO,
+            validAfter: U256::ZERO,
+            validBefore: U256::ZERO,
+            nonce: B256::ZERO,
+        };
+        assert_eq!(
+            t.eip712_type_hash(),
+            bytes32("0x7c7c6cdb67a18743f49ec6fa9b35f50d52ed05cbed4cc592e13b44501c1a2267").unwrap()
+        );
+    }
+
+    #[test]
+    fn vectors_hash_and_recover_to_their_signers() {
+        let v = vectors();
+        let d = domain_of(&v["domain"]);
+        for vec in v["vectors"].as_array().unwrap() {
+            let name = s(&vec["name"]);
+            let auth = parse(&payload(&vec["authorization"], s(&vec["signature"]))).unwrap();
+            assert_eq!(d.separator(), b256(&vec["domain_separator"]), "{name}");
+            assert_eq!(auth.transfer.eip712_hash_struct(), b256(&vec["struct_hash"]), "{name}");
+            assert_eq!(signing_hash(&d, &auth.transfer), b256(&vec["digest"]), "{name}");
+            let PayerSignature::Eoa(sig) = &auth.signature else { panic!("{name}: 65-byte signature") };
+            assert_eq!(recover(&d, &auth.transfer, sig).unwrap(), address(s(&vec["recovers_to"])).unwrap(), "{name}");
+            let to = s(&vec["authorization"]["to"]);
+            assert_eq!(check(&auth, &expected(&d, to, 10_000), VECTOR_NOW), Ok(()), "{name}");
+        }
+    }
+
+    #[test]
+    fn tampered_vectors_recover_to_someone_else_and_are_refused() {
+        let v = vectors();
+        let spec = &v["vectors"][0];
+        for t in spec["tampered"].as_array().unwrap() {
+            let change = s(&t["change"]);
+            let d = domain_of(&t["domain"]);
+            let auth = parse(&payload(&t["authorization"], s(&spec["signature"]))).unwrap();
+            let PayerSignature::Eoa(sig) = &auth.signature else { panic!("65 bytes") };
+            let recovered = recover(&d, &auth.transfer, sig).unwrap();
+            assert_eq!(recovered, address(s(&t["recovers_to"])).unwrap(), "{change}");
+            // Checked against what the tampered payment claims, so only the signature fails.
+            let want =
+                Expected { pay_to: auth.transfer.to, amount: auth.transfer.value, exact_amount: true, domain: &d };
+            assert_eq!(
+                check(&auth, &want, VECTOR_NOW),
+                Err(LocalError::WrongSigner { recovered, from: auth.transfer.from }),
+                "{change}"
+            );
+        }
+    }
+
+    #[test]
+    fn dev_key_signs_the_vector_signature() {
+        let v = vectors();
+        let vec = &v["vectors"][1];
+        let signer: alloy_signer_local::PrivateKeySigner = s(&vec["private_key"]).parse().unwrap();
+        assert_eq!(signer.address(), address(s(&vec["authorization"]["from"])).unwrap());
+        let auth = parse(&payload(&vec["authorization"], s(&vec["signature"]))).unwrap();
+        let sig = signer.sign_hash_sync(&signing_hash(&domain_of(&v["domain"]), &auth.transfer)).unwrap();
+        assert_eq!(format!("0x{}", hex::encode(sig.as_bytes())), s(&vec["signature"]));
+    }
+
+    #[test]
+    fn validity_window_has_a_six_second_margin() {
+        let v = vectors();
+        let d = domain_of(&v["domain"]);
+        let vec = &v["vectors"][1];
+        let auth = parse(&payload(&vec["authorization"], s(&vec["signature"]))).unwrap();
+        let want = expected(&d, s(&vec["authorization"]["to"]), 10_000);
+        // validAfter 1740672089, validBefore 1740672154.
+        assert_eq!(check(&auth, &want, 1_740_672_089), Ok(()));
+        assert_eq!(check(&auth, &want, 1_740_672_148), Ok(()));
+        assert!(matches!(check(&auth, &want, 1_740_672_149), Err(LocalError::Expired { .. })));
+        assert!(matches!(check(&auth, &want, 1_740_672_088), Err(LocalError::NotYetValid { .. })));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(matches!(check(&auth, &want, now), Err(LocalError::Expired { .. })));
+    }
+
+    #[test]
+    fn recipient_and_amount_are_checked_before_the_signature() {
+        let v = vectors();
+        let d = domain_of(&v["domain"]);
+        let vec = &v["vectors"][1];
+        let auth = parse(&payload(&vec["authorization"], s(&vec["signature"]))).unwrap();
+        let other = "0x0000000000000000000000000000000000000001";
+        assert!(matches!(check(&auth, &expected(&d, other, 10_000), VECTOR_NOW), Err(LocalError::Recipient { .. })));
+        let to = s(&vec["authorization"]["to"]);
+        assert!(matches!(check(&auth, &expected(&d, to, 9_999), VECTOR_NOW), Err(LocalError::Amount { .. })));
+        // v1 accepts paying more than asked; v2 wants the exact amount.
+        let v1 = Expected { exact_amount: false, ..expected(&d, to, 9_999) };
+        assert_eq!(check(&auth, &v1, VECTOR_NOW), Ok(()));
+        let v1 = Expected { exact_amount: false, ..expected(&d, to, 10_001) };
+        assert!(matches!(check(&auth, &v1, VECTOR_NOW), Err(LocalError::Amount { .. })));
+    }
+
+    #[test]
+    fn malleated_and_unusable_signatures_are_refused() {
+        let v = vectors();
+        let d = domain_of(&v["domain"]);
+        let vec = &v["vectors"][1];
+        let to = s(&vec["authorization"]["to"]);
+        let good = parse(&payload(&vec["authorization"], s(&vec["signature"]))).unwrap();
+        let PayerSignature::Eoa(sig) = good.signature else { panic!() };
+        // (r, n - s, !v) recovers the same key but is not canonical.
+        let n = U256::from_str_radix("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141", 16).unwrap();
+        let high = Signature::new(sig.r(), n - sig.s(), !sig.v());
+        let hex_sig = format!("0x{}", hex::encode(high.as_bytes()));
+        let auth = parse(&payload(&vec["authorization"], &hex_sig)).unwrap();
+        assert!(matches!(check(&auth, &expected(&d, to, 10_000), VECTOR_NOW), Err(LocalError::Signature(_))));
+
+        let mut v0 = s(&vec["signature"]).to_owned();
+        v0.replace_range(v0.len() - 2.., "00");
+        let auth = parse(&payload(&vec["authorization"], &v0)).unwrap();
+        assert_eq!(
+            check(&auth, &expected(&d, to, 10_000), VECTOR_NOW),
+            Err(LocalError::Signature("v must be 27 or 28"))
+        );
+
+        let short = &s(&vec["signature"])[..40];
+        let auth = parse(&payload(&vec["authorization"], short)).unwrap();
+        assert!(matches!(check(&auth, &expected(&d, to, 10_000), VECTOR_NOW), Err(LocalError::Signature(_))));
+
+        // A smart-wallet signature is left to the facilitator.
+        let long = format!("0x{}", "ab".repeat(200));
+        let auth = parse(&payload(&vec["authorization"], &long)).unwrap();
+        assert!(matches!(auth.signature, PayerSignature::Contract(ref b) if b.len() == 200));
+        assert_eq!(check(&auth, &expected(&d, to, 10_000), VECTOR_NOW), Ok(()));
+    }
+
+    #[test]
+    fn wire_strings_are_decoded_strictly() {
+        let v = vectors();
+        let vec = &v["vectors"][1];
+        let sig = s(&vec["signature"]);
+        let bad = |field: &str, value: &str| {
+            let mut a = vec["authorization"].clone();
+            a[field] = Value::String(value.to_owned());
+            parse(&payload(&a, sig)).unwrap_err().field
+        };
+        assert_eq!(bad("from", "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb9226"), "authorization.from");
+        assert_eq!(bad("to", "209693Bc6afc0C5328bA36FaF03C514EF312287C00"), "authorization.to");
+        assert_eq!(bad("to", "0X209693Bc6afc0C5328bA36FaF03C514EF312287C"), "authorization.to");
+        assert_eq!(bad("value", "-1"), "authorization.value");
+        assert_eq!(bad("value", "1e4"), "authorization.value");
+        assert_eq!(bad("value", ""), "authorization.value");
+        assert_eq!(bad("value", &"9".repeat(79)), "authorization.value");
+        assert_eq!(bad("validAfter", "0x10"), "authorization.validAfter");
+        assert_eq!(bad("validBefore", " 1"), "authorization.validBefore");
+        assert_eq!(bad("nonce", "0x1234"), "authorization.nonce");
+        assert_eq!(bad("nonce", &format!("0x{}", "zz".repeat(32))), "authorization.nonce");
+        let auth = &vec["authorization"];
+        assert_eq!(parse(&payload(auth, "0xabc")).unwrap_err().field, "signature");
+        assert_eq!(parse(&payload(auth, "abcd")).unwrap_err().field, "signature");
+        assert_eq!(parse(&payload(auth, "0x")).unwrap_err().field, "signature");
+        // validAfter "0", as the v2 clients sign it, is fine.
+        let mut a = auth.clone();
+        a["validAfter"] = Value::String("0".into());
+        assert_eq!(parse(&payload(&a, sig)).unwrap().transfer.validAfter, U256::ZERO);
+    }
+}

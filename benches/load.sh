@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Load harness (issue 6): nginx vs tollgate on one machine, one command.
+#
+#   benches/load.sh [DURATION_SECONDS]
+#
+# Starts a minimal origin (nginx, `return 200`), nginx as a plain reverse proxy (one
+# worker, upstream keep-alive), and tollgate on a free route, a credits route on
+# SQLite and a credits route on PostgreSQL. Every proxy is pinned to core 0; the
+# origin and the load generator (wrk) to core 1. Measures saturated requests/s
+# (64 connections) and unloaded latency (1 connection), direct and through each
+# proxy, in one run, then RSS idle and while streaming a 1 GB body. Prints a table
+# with ratios to nginx. Installs nginx, wrk and PostgreSQL from Debian if missing.
+# Talks only to 127.0.0.1; every process it starts is stopped by PID on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DUR=${1:-10}
+LAT_DUR=${LAT_DUR:-5}
+CONNS=64
+PROXY_CORE=0
+LOAD_CORE=1
+WORK=$(mktemp -d /tmp/tollgate-load.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  if [ -n "${PGDATA_DIR:-}" ]; then runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m immediate stop >/dev/null 2>&1 || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+PGBIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | head -1)" 2>/dev/null || true)
+[ -n "$PGBIN" ] && [ -x "$PGBIN/initdb" ] || need+=(postgresql)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  PGBIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb | head -1)")
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release --quiet
+TG=target/release/tollgate
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+ORIGIN=$(free_port); NGX=$(free_port); TG_PORT=$(free_port); TG_ADMIN=$(free_port); TGP_PORT=$(free_port); TGP_ADMIN=$(free_port); PG_PORT=$(free_port)
+
+# --- origin: nginx answering 200 with a small body, plus a 1 GB file for streaming
+mkdir -p "$WORK/www" "$WORK/tmp"
+truncate -s 1G "$WORK/www/big"
+cat > "$WORK/origin.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/origin.pid; error_log $WORK/origin.err warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp; uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
+  server { listen 127.0.0.1:$ORIGIN; location /big { root $WORK/www; } location / { return 200 "ok\n"; } } }
+CONF
+taskset -c $LOAD_CORE "$NGINX" -c "$WORK/origin.conf" & PIDS+=($!)
+
+# --- nginx as a plain reverse proxy: one worker, upstream keep-alive
+cat > "$WORK/proxy.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/proxy.pid; error_log $WORK/proxy.err warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp; uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
+  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 128; }
+  server { listen 127.0.0.1:$NGX;
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } } }
+CONF
+taskset -c $PROXY_CORE "$NGINX" -c "$WORK/proxy.conf" & PIDS+=($!)
+
+# --- PostgreSQL (throwaway cluster, run as the postgres user)
+id postgres >/dev/null 2>&1 || useradd --system postgres
+PGDATA_DIR="$WORK/pg"; mkdir -p "$PGDATA_DIR"; chown postgres "$WORK" "$PGDATA_DIR"
+runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA_DIR" -A trust -U postgres >/dev/null
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$WORK/pg.log" -w \
+  -o "-p $PG_PORT -k $PGDATA_DIR -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
+taskset -pc $LOAD_CORE $(head -1 "$PGDATA_DIR/postmaster.pid") >/dev/null 2>&1 || true
+
+tg_config() { # port admin backend
+  cat <<CONF
+[server]
+listen = "127.0.0.1:$1"
+worker_threads = 1
+[admin]
+listen = "127.0.0.1:$2"
+token = "load-harness-admin-token"
+[ledger]
+backend = "$3"
+path = "$WORK/ledger.db"
+url = "postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+pool_size = 8
+[log]
+filter = "warn"
+[[upstream]]
+name = "origin"
+url = "http://127.0.0.1:$ORIGIN"
+pool_max_idle = 256
+[[route]]
+name = "paid"
+upstream = "origin"
+path = "/paid/*"
+price = "0.000001"
+accept = ["credits"]
+[[route]]
+name = "free"
+upstream = "origin"
+path = "/*"
+free = true
+CONF
+}
+tg_config $TG_PORT $TG_ADMIN sqlite > "$WORK/tg.toml"
+tg_config $TGP_PORT $TGP_ADMIN postgres > "$WORK/tgp.toml"
+KEY=$($TG keys create --balance 1000000 --json --config "$WORK/tg.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+PKEY=$($TG keys create --balance 1000000 --json --config "$WORK/tgp.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+taskset -c $PROXY_CORE $TG run --config "$WORK/tg.toml" 2>"$WORK/tg.err" & TG_PID=$!; PIDS+=($TG_PID)
+wait_port $ORIGIN; wait_port $NGX; wait_port $TG_PORT
+sleep 0.5
+IDLE_RSS=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status)
+
+# wrk output → "rps p50_us p99_us"
+run_wrk() { # conns duration url [header]
+  local out
+  if [ -n "${4:-}" ]; then out=$(taskset -c $LOAD_CORE wrk -t1 -c"$1" -d"$2"s --latency -H "$4" "$3"); else out=$(taskset -c $LOAD_CORE wrk -t1 -c"$1" -d"$2"s --latency "$3"); fi
+  python3 - "$out" <<'PY'
+import re, sys
+out = sys.argv[1]
+def us(v):
+    n, u = float(re.match(r"([\d.]+)", v).group(1)), re.match(r"[\d.]+(\w+)", v).group(1)
+    return n * {"us": 1, "ms": 1000, "s": 1e6}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+p50 = us(re.search(r"50%\s+(\S+)", out).group(1)); p99 = us(re.search(r"99%\s+(\S+)", out).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+if non2xx: print(f"warning: {non2xx.group(1)} non-2xx responses", file=sys.stderr)
+print(f"{rps:.0f} {p50:.0f} {p99:.0f}")
+PY
+}
+
+declare -A RPS P50 P99
+measure() { # name url [header]
+  read -r r _ _ < <(run_wrk $CONNS "$DUR" "$2" "${3:-}")
+  read -r _ a b < <(run_wrk 1 "$LAT_DUR" "$2" "${3:-}")
+  RPS[$1]=$r; P50[$1]=$a; P99[$1]=$b
+  echo "  $1: $r req/s, p50 ${a}µs, p99 ${b}µs" >&2
+}
+echo "measuring (${DUR}s saturated, ${LAT_DUR}s unloaded each)…" >&2
+measure direct "http://127.0.0.1:$ORIGIN/x"
+measure nginx "http://127.0.0.1:$NGX/x"
+measure tollgate_free "http://127.0.0.1:$TG_PORT/x"
+measure tollgate_credits_sqlite "http://127.0.0.1:$TG_PORT/paid/x" "Authorization: Bearer $KEY"
+
+# Streaming RSS: 1 GB through tollgate, sampling RSS.
+MAXRSS=$IDLE_RSS
+taskset -c $LOAD_CORE curl -s -o /dev/null "http://127.0.0.1:$TG_PORT/big" & CURL=$!
+while kill -0 $CURL 2>/dev/null; do
+  r=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status); [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r; sleep 0.05
+done
+kill $TG_PID; wait $TG_PID 2>/dev/null || true
+
+taskset -c $PROXY_CORE $TG run --config "$WORK/tgp.toml" 2>"$WORK/tgp.err" & TGP_PID=$!; PIDS+=($TGP_PID)
+wait_port $TGP_PORT; sleep 0.5
+measure tollgate_credits_postgres "http://127.0.0.1:$TGP_PORT/paid/x" "Authorization: Bearer $PKEY"
+
+python3 - "$IDLE_RSS" "$MAXRSS" \
+  "${RPS[direct]} ${P50[direct]} ${P99[direct]}" "${RPS[nginx]} ${P50[nginx]} ${P99[nginx]}" \
+  "${RPS[tollgate_free]} ${P50[tollgate_free]} ${P99[tollgate_free]}" \
+  "${RPS[tollgate_credits_sqlite]} ${P50[tollgate_credits_sqlite]} ${P99[tollgate_credits_sqlite]}" \
+  "${RPS[tollgate_credits_postgres]} ${P50[tollgate_credits_postgres]} ${P99[tollgate_credits_postgres]}" <<'PY'
+import sys, subprocess, datetime, platform
+idle, maxrss = int(sys.argv[1]), int(sys.argv[2])
+rows = ["direct (no proxy)", "nginx (plain proxy)", "tollgate free route", "tollgate credits (SQLite)", "tollgate credits (PostgreSQL)"]
+vals = [list(map(float, a.split())) for a in sys.argv[3:8]]
+ng = vals[1][0]; d50, d99 = vals[0][1], vals[0][2]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+ver = subprocess.run(["target/release/tollgate", "--version"], capture_output=True, text=True).stdout.strip()
+ngv = subprocess.run(["sh", "-c", "nginx -v 2>&1 || /usr/sbin/nginx -v 2>&1"], capture_output=True, text=True).stdout.strip()
+print(f"\n{datetime.date.today()} · {cpu} · {ver} · {ngv} · proxies pinned to 1 core, wrk + origin on the other\n")
+print("| path | req/s (64 conns) | × nginx | p50 µs (1 conn) | p99 µs | added p50 µs | added p99 µs |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for name, (r, p50, p99) in zip(rows, vals):
+    ratio = "—" if name.startswith("direct") else f"{r/ng:.2f}"
+    add50 = "—" if name.startswith("direct") else f"{p50-d50:.0f}"
+    add99 = "—" if name.startswith("direct") else f"{p99-d99:.0f}"
+    print(f"| {name} | {r:.0f} | {ratio} | {p50:.0f} | {p99:.0f} | {add50} | {add99} |")
+print(f"\ntollgate RSS: idle {idle/1024:.1f} MB; max while streaming 1 GB {maxrss/1024:.1f} MB")
+PY

@@ -1,0 +1,561 @@
+//! The PostgreSQL ledger beyond the conformance suite (which runs in
+//! `ledger_conformance.rs`): several replicas on one database, database outages,
+//! the CLI, and concurrent start-up. Every test starts its own throwaway cluster
+//! (`support::pg`), so a test that stops its database disturbs no other.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use alloy_primitives::{B256, U256};
+use alloy_signer::SignerSync;
+use alloy_signer_local::PrivateKeySigner;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::json;
+use support::facilitator::FakeFacilitator;
+use support::pg::Cluster;
+use support::*;
+use tollgate::ledger::postgres::{PostgresLedger, PostgresOptions, SCHEMA_VERSION};
+use tollgate::ledger::{HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, TxKind};
+use tollgate::money::Micros;
+use tollgate::payment::rails::x402::verify::{self as v, TransferWithAuthorization};
+
+/// Price of the credits route, in micro-USD.
+const PRICE: u64 = 2_000;
+const DEV_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
+const USDC_SEPOLIA: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+
+fn opts() -> PostgresOptions {
+    PostgresOptions { pool_size: 8, statement_timeout: Duration::from_secs(10) }
+}
+
+async fn ledger(url: &str) -> Arc<PostgresLedger> {
+    Arc::new(PostgresLedger::connect(url, opts()).await.unwrap())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Kills the child process (by PID) when dropped, whatever happened.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A gateway config on the PostgreSQL ledger at `url`: `/v1/*` priced 0.002 USD in
+/// credits; with a facilitator, also `/paid/*` at 0.01 USD in x402.
+fn config_text(url: &str, port: u16, admin_port: u16, upstream: &str, facilitator: Option<&str>) -> String {
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"https://api.test\"\nshutdown_timeout = \"2s\"\n\n\
+[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{ADMIN_TOKEN}\"\n\n\
+[ledger]\nbackend = \"postgres\"\nurl = \"{url}\"\npool_size = 8\nstatement_timeout = \"1s\"\n\n\
+[log]\nfilter = \"warn\"\n\n\
+[[upstream]]\nname = \"api\"\nurl = \"{upstream}\"\ntimeout = \"5s\"\n\n\
+[[route]]\nname = \"chat\"\nupstream = \"api\"\npath = \"/v1/*\"\nprice = \"0.002\"\naccept = [\"credits\"]\n"
+    );
+    if let Some(f) = facilitator {
+        text.push_str(&format!(
+            "\n[[route]]\nname = \"paid\"\nupstream = \"api\"\npath = \"/paid/*\"\nprice = \"0.01\"\naccept = [\"x402\"]\n\n\
+[x402]\nfacilitator = \"{f}\"\nnetwork = \"eip155:84532\"\nasset = \"{USDC_SEPOLIA}\"\npay_to = \"{PAY_TO}\"\n\
+facilitator_timeout = \"5s\"\n"
+        ));
+    }
+    text
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// One `tollgate run` process, its stderr in a log file, killed on drop.
+struct Replica {
+    _proc: Proc,
+    base: String,
+    admin: String,
+}
+
+async fn replica(dir: &Path, name: &str, url: &str, upstream: &str, facilitator: Option<&str>) -> Replica {
+    let (port, admin_port) = (free_port(), free_port());
+    let cfg = write(dir, &format!("{name}.toml"), &config_text(url, port, admin_port, upstream, facilitator));
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let mut proc = Proc(
+        Command::new(binary()).args(["run", "--config"]).arg(&cfg).stdout(Stdio::null()).stderr(log).spawn().unwrap(),
+    );
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = proc.0.try_wait().unwrap() {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            panic!("replica {name} exited with {status}:\n{log}");
+        }
+        let req = http::Request::get(format!("{admin}/readyz")).body(Default::default()).unwrap();
+        if let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(2), client().request(req)).await {
+            if res.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "replica {name} not ready within 30s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Replica { _proc: proc, base: format!("http://127.0.0.1:{port}"), admin }
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+async fn admin_get(admin: &str, path: &str) -> serde_json::Value {
+    let r = send("GET", &format!("{admin}{path}"), &[("authorization", &bearer(ADMIN_TOKEN))], "").await;
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    r.json()
+}
+
+/// A v1 x402 payment of 0.01 USDC to `PAY_TO`, signed with the dev key and a fresh
+/// nonce: the `X-PAYMENT` header value, the payer and the nonce.
+fn x402_payment() -> (String, String, String) {
+    let signer: PrivateKeySigner = DEV_KEY.parse().unwrap();
+    let nonce = B256::from(rand::random::<[u8; 32]>());
+    let (valid_after, valid_before) = (now() - 600, now() + 120);
+    let transfer = TransferWithAuthorization {
+        from: signer.address(),
+        to: v::address(PAY_TO).unwrap(),
+        value: U256::from(10_000u64),
+        validAfter: U256::from(valid_after),
+        validBefore: U256::from(valid_before),
+        nonce,
+    };
+    let domain = v::domain("USDC", "2", 84532, v::address(USDC_SEPOLIA).unwrap());
+    let signature = signer.sign_hash_sync(&v::signing_hash(&domain, &transfer)).unwrap();
+    let payer = signer.address().to_checksum(None);
+    let nonce = format!("{nonce:#x}");
+    let payment = json!({
+        "x402Version": 1, "scheme": "exact", "network": "base-sepolia",
+        "payload": {
+            "signature": format!("0x{}", hex::encode(signature.as_bytes())),
+            "authorization": {
+                "from": payer, "to": PAY_TO, "value": "10000",
+                "validAfter": valid_after.to_string(), "validBefore": valid_before.to_string(), "nonce": nonce
+            }
+        }
+    });
+    (STANDARD.encode(payment.to_string()), payer, nonce)
+}
+
+/// Opens every pooled connection, so a race starts with full concurrency.
+async fn warm_up(ledgers: &[&Arc<PostgresLedger>]) {
+    let pings = ledgers.iter().flat_map(|l| (0..opts().pool_size).map(move |_| (*l).clone()));
+    let tasks: Vec<_> = pings.map(|l| tokio::spawn(async move { l.ping().await.unwrap() })).collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+// === several replicas ===
+
+/// Two `tollgate run` processes on one database: a key funded for exactly N requests
+/// gets 10·N concurrent requests split across both, and one x402 payment is replayed
+/// against both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_overspend_and_never_accept_a_payment_twice() {
+    const N: usize = 20;
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let up = ok_upstream().await;
+    let fac = FakeFacilitator::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let l = ledger(&url).await;
+    let k = l.create_key(Some("shared"), Micros(N as u64 * PRICE)).await.unwrap();
+
+    let a = replica(dir.path(), "a", &url, &up.url(), Some(&fac.url())).await;
+    let b = replica(dir.path(), "b", &url, &up.url(), Some(&fac.url())).await;
+
+    // Credits: 10·N requests at once, alternating between the replicas.
+    let tasks: Vec<_> = (0..10 * N)
+        .map(|i| {
+            let url = format!("{}/v1/chat/{i}", if i % 2 == 0 { &a.base } else { &b.base });
+            let auth = bearer(&k.key);
+            tokio::spawn(async move { get(&url, &[("authorization", &auth)]).await })
+        })
+        .collect();
+    let (mut served, mut refused) = ([0; 2], 0);
+    for (i, task) in tasks.into_iter().enumerate() {
+        let r = task.await.unwrap();
+        match r.status.as_u16() {
+            200 => served[i % 2] += 1,
+            402 => {
+                assert_eq!(r.json()["reason"], "insufficient_funds", "{}", r.text());
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert_eq!((served[0] + served[1], refused), (N, 9 * N), "served by a, b: {served:?}");
+    assert_eq!(up.hits(), N, "only paid requests reached the upstream");
+
+    // Each replica's admin API sees the shared ledger.
+    let key = admin_get(&b.admin, &format!("/admin/keys/{}", k.id)).await;
+    assert_eq!(key["balance"], "0.00");
+    let txs = admin_get(&a.admin, &format!("/admin/transactions?key={}&limit=1000", k.id)).await;
+    let txs = txs["transactions"].as_array().unwrap().clone();
+    let debits: Vec<_> = txs.iter().filter(|t| t["kind"] == "debit").collect();
+    assert_eq!(debits.len(), N);
+    assert!(debits.iter().all(|t| t["status"] == "captured" && t["amount"] == "0.002"), "{debits:?}");
+    assert_eq!(txs.iter().filter(|t| t["kind"] == "refund").count(), 0);
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros::ZERO);
+    let rows = l.transactions(Some(&k.id), 1000).await.unwrap();
+    assert_eq!(rows.iter().filter(|t| t.kind == TxKind::Debit && t.status.as_deref() == Some("captured")).count(), N);
+
+    // x402: the same signed payment sent 20 times at once, to both replicas.
+    let (payment, payer, nonce) = x402_payment();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let url = format!("{}/paid/report", if i % 2 == 0 { &a.base } else { &b.base });
+            let payment = payment.clone();
+            tokio::spawn(async move { get(&url, &[("x-payment", &payment)]).await })
+        })
+        .collect();
+    let (mut ok, mut replayed) = (0, 0);
+    for task in tasks {
+        let r = task.await.unwrap();
+        match r.status.as_u16() {
+            200 => ok += 1,
+            402 if r.json()["reason"] == "payment_replayed" => replayed += 1,
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert_eq!((ok, replayed), (1, 19));
+    assert_eq!(up.hits(), N + 1);
+    assert_eq!((fac.verify_calls(), fac.settle_calls()), (1, 1), "the facilitator saw the payment once");
+    assert_eq!(l.settlements(10).await.unwrap().len(), 1);
+    assert!(!l.reserve_nonce(&payer, &nonce, now() + 120).await.unwrap(), "recorded in the shared store");
+    assert!(fac.problems().is_empty(), "{:?}", fac.problems());
+}
+
+/// The replay store across two ledgers on one database: 50 concurrent reservations
+/// of one (payer, nonce), split across both, and exactly one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonce_reserved_once_across_two_ledgers() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let (a, b) = (ledger(&url).await, ledger(&url).await);
+    let payer = "0xAbCdEf0123456789aBcDeF0123456789AbCdEf01";
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let l = if i % 2 == 0 { a.clone() } else { b.clone() };
+            // Either spelling of the same hex is the same nonce.
+            let nonce = if i % 3 == 0 { "0xBEEF" } else { "0xbeef" };
+            tokio::spawn(async move { l.reserve_nonce(payer, nonce, 4_000_000_000).await.unwrap() })
+        })
+        .collect();
+    let mut won = 0;
+    for task in tasks {
+        won += usize::from(task.await.unwrap());
+    }
+    assert_eq!(won, 1);
+}
+
+/// A spend cap holds across replicas: 100 concurrent capped holds split across two
+/// ledgers, a cap of 5 prices → exactly 5 held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_cap_holds_across_two_ledgers() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let (a, b) = (ledger(&url).await, ledger(&url).await);
+    let k = a.create_key(None, Micros(1_000_000)).await.unwrap();
+    warm_up(&[&a, &b]).await;
+    let cap = Micros(5 * PRICE);
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let l = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let secret = k.key.clone();
+            tokio::spawn(async move {
+                let request_id = format!("cap-{i}");
+                let req = HoldRequest {
+                    secret: SecretHash::of(&secret),
+                    amount: Micros(PRICE),
+                    route: "/v1/chat",
+                    request_id: &request_id,
+                    spend_cap: Some((cap, Duration::from_secs(3600))),
+                };
+                l.authorize(req).await.unwrap()
+            })
+        })
+        .collect();
+    let (mut held, mut capped) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            HoldOutcome::Held { .. } => held += 1,
+            HoldOutcome::SpendCapReached { spent, .. } => {
+                assert_eq!(spent, cap);
+                capped += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((held, capped), (5, 95));
+    assert_eq!(b.key(&k.id).await.unwrap().unwrap().balance, Micros(1_000_000 - 5 * PRICE));
+}
+
+/// Two replicas sweeping stale holds at once refund each hold exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sweeps_never_double_refund() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let (a, b) = (ledger(&url).await, ledger(&url).await);
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(a.create_key(None, Micros(100 * PRICE)).await.unwrap());
+    }
+    for i in 0..60 {
+        let k = &keys[i % 3];
+        let request_id = format!("stale-{i}");
+        let req = HoldRequest {
+            secret: SecretHash::of(&k.key),
+            amount: Micros(PRICE),
+            route: "/v1/chat",
+            request_id: &request_id,
+            spend_cap: None,
+        };
+        assert!(matches!(a.authorize(req).await.unwrap(), HoldOutcome::Held { .. }));
+    }
+    warm_up(&[&a, &b]).await;
+    let sweeps: Vec<_> = (0..4)
+        .map(|i| {
+            let l = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { l.release_stale_holds(Duration::ZERO).await.unwrap() })
+        })
+        .collect();
+    let mut released = 0;
+    for s in sweeps {
+        released += s.await.unwrap();
+    }
+    assert_eq!(released, 60);
+    for k in &keys {
+        assert_eq!(b.key(&k.id).await.unwrap().unwrap().balance, Micros(100 * PRICE));
+        let rows = b.transactions(Some(&k.id), 1000).await.unwrap();
+        assert_eq!(rows.iter().filter(|t| t.kind == TxKind::Refund).count(), 20);
+        assert!(rows.iter().filter(|t| t.kind == TxKind::Debit).all(|t| t.status.as_deref() == Some("released")));
+    }
+}
+
+// === faults ===
+
+/// The database stops: paid requests fail closed with 503 and `/readyz` fails; it
+/// starts again: the same gateway serves again. A key row locked elsewhere (a slow
+/// database) hits the statement timeout: 503 too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_fails_closed_and_heals_without_restart() {
+    let cluster = Arc::new(Cluster::spawn().await);
+    let url = cluster.create_db().await;
+    let up = ok_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&url, 0, 0, &up.url(), None);
+    let gw = start_text(dir, &text, tollgate::app::default_rails()).await;
+    let (id, key) = gw.key("1.00").await;
+    let (paid_url, ready_url, auth) = (gw.url("/v1/chat"), gw.admin_url("/readyz"), bearer(&key));
+    let paid = async || get(&paid_url, &[("authorization", &auth)]).await;
+    let ready = async || get(&ready_url, &[]).await;
+
+    assert_eq!(paid().await.status, 200);
+    assert_eq!(ready().await.status, 200);
+    assert_eq!(up.hits(), 1);
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop()).await.unwrap();
+    for _ in 0..3 {
+        let r = paid().await;
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["reason"], "payment_backend_unavailable");
+        let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+        assert!(retry >= 1);
+    }
+    let r = ready().await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["status"], "unready");
+    assert_eq!(up.hits(), 1, "nothing unpaid was forwarded");
+    assert!(matches!(gw.ledger.ping().await, Err(LedgerError::Unavailable(_))));
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.start()).await.unwrap();
+    // Pooled connections died with the server; new ones are made on demand.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = paid().await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "no recovery within 30s: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready().await.status, 200);
+    assert_eq!(up.hits(), 2);
+    assert_eq!(gw.balance(&id).await, Micros(1_000_000 - 2 * PRICE));
+
+    // Slow: another session holds the key's row lock; the hold waits for it until the
+    // 1s statement timeout cancels it.
+    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    locker.batch_execute(&format!("BEGIN; SELECT 1 FROM keys WHERE id = '{id}' FOR UPDATE")).await.unwrap();
+    let started = Instant::now();
+    let r = paid().await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["reason"], "payment_backend_unavailable");
+    assert!(started.elapsed() >= Duration::from_millis(900), "waited for the lock: {:?}", started.elapsed());
+    assert_eq!(up.hits(), 2);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(paid().await.status, 200);
+    assert_eq!(up.hits(), 3);
+    assert_eq!(gw.balance(&id).await, Micros(1_000_000 - 3 * PRICE));
+    drop(locker);
+    let _ = conn.await;
+    gw.shutdown().await;
+}
+
+// === CLI ===
+
+fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary()).args(args).arg("--config").arg(config).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn parse(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_cli_and_doctor_work_against_postgres() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let up = ok_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "tollgate.toml", &config_text(&url, free_port(), free_port(), &up.url(), None));
+
+    let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", "5.00", "--label", "acme", "--json"]);
+    assert!(ok, "{err}");
+    let k = parse(&out);
+    let id = k["id"].as_str().unwrap().to_owned();
+    assert_eq!(k["balance"], "5.00");
+
+    let (ok, out, err) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(parse(&out)["balance"], "7.50");
+    let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
+    assert!(ok);
+    assert_eq!(parse(&out)["applied"], false);
+    assert_eq!(parse(&out)["balance"], "7.50");
+
+    let (ok, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
+    assert!(ok);
+    let shown = parse(&out);
+    assert_eq!((shown["label"].as_str(), shown["balance"].as_str()), (Some("acme"), Some("7.50")));
+    let (ok, out, _) = cli(&cfg, &["keys", "revoke", &id]);
+    assert!(ok, "{out}");
+    let (_, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
+    assert_eq!(parse(&out)["revoked"], true);
+    // The CLI wrote to the shared database, not to a local file.
+    let l = ledger(&url).await;
+    let rows = l.transactions(Some(&id), 100).await.unwrap();
+    assert_eq!(rows.iter().map(|t| t.amount.get()).collect::<Vec<_>>(), [2_500_000, 5_000_000]);
+    assert!(!dir.path().join("tollgate.db").exists());
+
+    let (ok, out, err) = cli(&cfg, &["doctor"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("ledger (Postgres): read/write ok"), "{out}");
+    assert!(out.contains("doctor: all checks passed"), "{out}");
+
+    // Database down: doctor and the CLI say so and exit non-zero.
+    drop(l);
+    tokio::task::spawn_blocking(move || cluster.stop()).await.unwrap();
+    let (ok, out, _) = cli(&cfg, &["doctor"]);
+    assert!(!ok);
+    assert!(out.contains("ledger: FAILED"), "{out}");
+    assert!(out.contains("cannot connect to PostgreSQL at 127.0.0.1:"), "{out}");
+    let (ok, _, err) = cli(&cfg, &["keys", "show", &id]);
+    assert!(!ok);
+    assert!(err.contains("cannot connect to PostgreSQL"), "{err}");
+}
+
+// === migrations ===
+
+async fn versions(url: &str) -> Vec<i32> {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let rows = c.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.unwrap();
+    drop(c);
+    let _ = conn.await;
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_at_once_migrate_once() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PostgresLedger::connect(&url, opts()).await })
+        })
+        .collect();
+    let mut ledgers = Vec::new();
+    for task in tasks {
+        ledgers.push(task.await.unwrap().expect("every replica starts"));
+    }
+    let all: Vec<i32> = (1..=SCHEMA_VERSION).collect();
+    assert_eq!(versions(&url).await, all);
+    // They all work on the one schema.
+    let k = ledgers[0].create_key(None, Micros(7)).await.unwrap();
+    assert_eq!(ledgers[3].key(&k.id).await.unwrap().unwrap().balance, Micros(7));
+
+    // Starting again migrates nothing.
+    drop(ledgers);
+    drop(ledger(&url).await);
+    assert_eq!(versions(&url).await, all);
+
+    // A schema from a newer tollgate is refused, not clobbered.
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    c.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&(SCHEMA_VERSION + 1)]).await.unwrap();
+    drop(c);
+    let _ = conn.await;
+    let err = PostgresLedger::connect(&url, opts()).await.unwrap_err();
+    assert!(matches!(err, LedgerError::Other(_)), "{err}");
+    assert!(err.to_string().contains("newer than this tollgate"), "{err}");
+}
+
+// === the deploy example ===
+
+#[test]
+fn deploy_example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tollgate.toml");
+    let out = Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("TOLLGATE_ADMIN_TOKEN", "an-admin-token-of-32-characters!")
+        .env("TOLLGATE_DB_PASSWORD", "secret")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ok (1 upstream(s), 2 route(s), 1 priced)"), "{stdout}");
+}
