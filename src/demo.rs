@@ -195,6 +195,35 @@ pub async fn doctor(cfg: Config) -> ExitCode {
             println!("ledger: FAILED to open: {e}");
         }
     }
+    if let Some(x) = &cfg.x402 {
+        match crate::payment::rails::x402::check_supported(x).await {
+            Ok(kinds) => {
+                for k in kinds {
+                    let v1 = k.v1_network.unwrap_or("-");
+                    if k.v1 || k.v2 {
+                        println!(
+                            "facilitator {}: supports {} on {} (v1 {} as {v1}, v2 {})",
+                            x.facilitator,
+                            k.scheme,
+                            k.network,
+                            if k.v1 { "yes" } else { "no" },
+                            if k.v2 { "yes" } else { "no" }
+                        );
+                    } else {
+                        failures += 1;
+                        println!(
+                            "facilitator {}: does NOT list {} on {} in /supported; x402 payments there will fail",
+                            x.facilitator, k.scheme, k.network
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                println!("facilitator {}: FAILED: {e}", x.facilitator);
+            }
+        }
+    }
     let base = cfg.public_base();
     for r in &cfg.routes {
         let methods = if r.methods.is_empty() { "ANY".to_owned() } else { r.methods.join(",") };
@@ -212,6 +241,16 @@ pub async fn doctor(cfg: Config) -> ExitCode {
                 .iter()
                 .map(|a| match a.as_str() {
                     "credits" => format!("credits ({}: Bearer <key>)", cfg.credits.header),
+                    "x402" => match &cfg.x402 {
+                        Some(x) => format!(
+                            "x402 (exact, {} atomic units of {} on {} to {})",
+                            crate::money::Micros::parse(price).map(|m| m.get()).unwrap_or(0),
+                            x.asset,
+                            x.network,
+                            x.pay_to
+                        ),
+                        None => "x402".to_owned(),
+                    },
                     other => other.to_owned(),
                 })
                 .collect::<Vec<_>>()
