@@ -53,19 +53,24 @@ impl std::fmt::Debug for Snapshot {
 }
 
 impl Snapshot {
-    pub fn build(cfg: Config, shared: &Shared) -> Result<Snapshot, ConfigErrors> {
+    pub fn build(
+        cfg: Config,
+        metrics: &Arc<Metrics>,
+        ledger: &Arc<dyn Ledger>,
+        rails: &RailFactory,
+    ) -> Result<Snapshot, ConfigErrors> {
         cfg.validate()?;
         let mut upstreams = HashMap::new();
         let mut errors = Vec::new();
         for (i, u) in cfg.upstreams.iter().enumerate() {
-            match Upstream::new(u, &shared.metrics) {
+            match Upstream::new(u, metrics) {
                 Ok(up) => {
                     upstreams.insert(up.name.clone(), Arc::new(up));
                 }
                 Err(e) => errors.push(format!("upstream[{i}]: {e}")),
             }
         }
-        let rails = match (shared.rails)(&cfg, &shared.ledger, &shared.metrics) {
+        let rails = match rails(&cfg, ledger, metrics) {
             Ok(r) => r,
             Err(e) => {
                 errors.push(e);
@@ -76,8 +81,8 @@ impl Snapshot {
             return Err(ConfigErrors(errors));
         }
         let routes = RouteTable::new(&cfg);
-        let route_metrics = routes.iter().map(|r| shared.metrics.for_route(&r.name)).collect();
-        let gate = PaymentGate::new(&cfg, &routes, rails, &shared.metrics);
+        let route_metrics = routes.iter().map(|r| metrics.for_route(&r.name)).collect();
+        let gate = PaymentGate::new(&cfg, &routes, rails, metrics);
         let trusted = TrustedProxies::new(
             cfg.server.trusted_proxies.iter().filter_map(|p| crate::config::parse_net(p)).collect(),
         );
@@ -88,7 +93,7 @@ impl Snapshot {
             upstreams,
             trusted,
             payment: PaymentLayer::new(Arc::new(gate)),
-            unmatched: shared.metrics.for_route("_unmatched"),
+            unmatched: metrics.for_route("_unmatched"),
             config: Arc::new(cfg),
         })
     }
@@ -129,17 +134,15 @@ impl Gateway {
         metrics: Arc<Metrics>,
         rails: RailFactory,
     ) -> Result<Gateway, ConfigErrors> {
-        // Build the first snapshot against a placeholder, then install it.
-        let shared = Arc::new_cyclic(|_| Shared {
+        let snap = Snapshot::build(cfg, &metrics, &ledger, &rails)?;
+        let shared = Arc::new(Shared {
             metrics,
             ledger,
             rails,
             config_path,
-            state: ArcSwap::from_pointee(Snapshot::placeholder()),
+            state: ArcSwap::from_pointee(snap),
             reload_lock: tokio::sync::Mutex::new(()),
         });
-        let snap = Snapshot::build(cfg, &shared)?;
-        shared.state.store(Arc::new(snap));
         Ok(Gateway { shared })
     }
 
@@ -186,7 +189,8 @@ impl Gateway {
         {
             problems.push("ledger: changing the ledger needs a restart".to_owned());
         }
-        let snap = Snapshot::build(cfg, &self.shared).map_err(|mut e| {
+        let sh = &self.shared;
+        let snap = Snapshot::build(cfg, &sh.metrics, &sh.ledger, &sh.rails).map_err(|mut e| {
             e.0.append(&mut problems.clone());
             e
         })?;
@@ -255,19 +259,13 @@ impl Gateway {
         let Ok(res) = snap.payment.layer(forward).oneshot(req).await;
 
         let status = res.status();
-        let outcome_counter = if res.extensions().get::<Synthetic>().is_some() {
-            &rm.upstream_error
-        } else if status == StatusCode::PAYMENT_REQUIRED
-            && route.price.is_some()
-            && res.extensions().get::<Forwarded>().is_none()
-        {
-            &rm.payment_required
-        } else if res.extensions().get::<Forwarded>().is_none() {
-            &rm.rejected
-        } else if route.is_free() {
-            &rm.free
-        } else {
-            &rm.forwarded
+        let from_upstream = res.extensions().get::<Forwarded>().is_some();
+        let outcome_counter = match (from_upstream, res.extensions().get::<Synthetic>().is_some()) {
+            (_, true) => &rm.upstream_error,
+            (false, false) if status == StatusCode::PAYMENT_REQUIRED => &rm.payment_required,
+            (false, false) => &rm.rejected,
+            (true, _) if route.is_free() => &rm.free,
+            (true, _) => &rm.forwarded,
         };
         outcome_counter.inc();
         let elapsed = started.elapsed();
@@ -324,29 +322,6 @@ impl<'a> Inflight<'a> {
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
         self.0.inflight.dec();
-    }
-}
-
-impl Snapshot {
-    fn placeholder() -> Snapshot {
-        let cfg: Config =
-            Config::parse("[server]\nlisten = \"127.0.0.1:0\"\n", |_| None).expect("static config parses");
-        let metrics = Metrics::new();
-        Snapshot {
-            public_base: cfg.public_base(),
-            routes: RouteTable::default(),
-            route_metrics: Vec::new(),
-            upstreams: HashMap::new(),
-            trusted: TrustedProxies::new(Vec::new()),
-            payment: PaymentLayer::new(Arc::new(PaymentGate::new(
-                &cfg,
-                &RouteTable::default(),
-                Rails::default(),
-                &metrics,
-            ))),
-            unmatched: metrics.for_route("_unmatched"),
-            config: Arc::new(cfg),
-        }
     }
 }
 
