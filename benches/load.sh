@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
+export PG_SYNC_COMMIT=${PG_SYNC_COMMIT:-on}
 LAT_DUR=${LAT_DUR:-5}
 CONNS=64
 PROXY_CORE=0
@@ -77,7 +78,7 @@ id postgres >/dev/null 2>&1 || useradd --system postgres
 PGDATA_DIR="$WORK/pg"; mkdir -p "$PGDATA_DIR"; chown postgres "$WORK" "$PGDATA_DIR"
 runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA_DIR" -A trust -U postgres >/dev/null
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$WORK/pg.log" -w \
-  -o "-p $PG_PORT -k $PGDATA_DIR -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
+  -o "-p $PG_PORT -k $PGDATA_DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c synchronous_commit=${PG_SYNC_COMMIT:-on}" start >/dev/null
 taskset -pc $LOAD_CORE $(head -1 "$PGDATA_DIR/postmaster.pid") >/dev/null 2>&1 || true
 
 tg_config() { # port admin backend
@@ -92,7 +93,7 @@ token = "load-harness-admin-token"
 backend = "$3"
 path = "$WORK/ledger.db"
 url = "postgres://postgres@127.0.0.1:$PG_PORT/postgres"
-pool_size = 8
+pool_size = 32
 [log]
 filter = "warn"
 [[upstream]]
@@ -128,9 +129,13 @@ run_wrk() { # conns duration url [header]
   python3 - "$out" <<'PY'
 import re, sys
 out = sys.argv[1]
+if "50%" not in out:
+    sys.exit("wrk gave no latency distribution:\n" + out)
 def us(v):
-    n, u = float(re.match(r"([\d.]+)", v).group(1)), re.match(r"[\d.]+(\w+)", v).group(1)
-    return n * {"us": 1, "ms": 1000, "s": 1e6}[u]
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", v)
+    if not m:
+        sys.exit(f"unexpected latency {v!r} in wrk output:\n{out}")
+    return float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6, "m": 6e7}[m.group(2)]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 p50 = us(re.search(r"50%\s+(\S+)", out).group(1)); p99 = us(re.search(r"99%\s+(\S+)", out).group(1))
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -185,5 +190,7 @@ for name, (r, p50, p99) in zip(rows, vals):
     add50 = "—" if name.startswith("direct") else f"{p50-d50:.0f}"
     add99 = "—" if name.startswith("direct") else f"{p99-d99:.0f}"
     print(f"| {name} | {r:.0f} | {ratio} | {p50:.0f} | {p99:.0f} | {add50} | {add99} |")
-print(f"\ntollgate RSS: idle {idle/1024:.1f} MB; max while streaming 1 GB {maxrss/1024:.1f} MB")
+import os
+print(f"\nPostgreSQL 15 on the same machine, synchronous_commit={os.environ.get('PG_SYNC_COMMIT', 'on')}")
+print(f"tollgate RSS: idle {idle/1024:.1f} MB; max while streaming 1 GB {maxrss/1024:.1f} MB")
 PY

@@ -114,11 +114,18 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// One worker thread means the current-thread scheduler: the same event loop as a
+/// single nginx worker, without the work-stealing machinery a lone worker cannot use.
 fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n);
-    }
+    let mut b = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().build().expect("tokio runtime")
 }
 

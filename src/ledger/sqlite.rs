@@ -406,27 +406,33 @@ fn read_loop(conn: &Connection, mut queue: Queue) {
     }
 }
 
+/// Runs a transaction-control statement through the statement cache: these run for
+/// every command, and re-parsing them showed up in profiles.
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 /// Runs `batch` (draining it) in one write transaction, each command in a savepoint.
 fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Command>>, commits: &AtomicU64) {
     let mut ran: Vec<Box<dyn Reply>> = Vec::with_capacity(batch.len());
     let mut open = false;
     for command in batch.drain(..) {
         if !open {
-            if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
                 command.abort(e.into());
                 continue;
             }
             open = true;
         }
-        if let Err(e) = conn.execute_batch("SAVEPOINT command") {
+        if let Err(e) = control(conn, "SAVEPOINT command") {
             command.abort(e.into());
         } else {
             let outcome = catch_unwind(AssertUnwindSafe(|| command.run(conn)));
             let keep = matches!(&outcome, Ok(reply) if !reply.failed());
             let ended = if keep {
-                conn.execute_batch("RELEASE command")
+                control(conn, "RELEASE command")
             } else {
-                conn.execute_batch("ROLLBACK TO command; RELEASE command")
+                control(conn, "ROLLBACK TO command").and_then(|()| control(conn, "RELEASE command"))
             };
             // A panicked command dropped its reply channel: its caller gets `Unavailable`.
             if let Ok(reply) = outcome {
@@ -452,7 +458,7 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Command>>, commits: &Ato
     if !open {
         return;
     }
-    match conn.execute_batch("COMMIT") {
+    match control(conn, "COMMIT") {
         Ok(()) => {
             commits.fetch_add(1, Ordering::Relaxed);
             for reply in ran {

@@ -3,7 +3,7 @@
 //!
 //! The payment is an EIP-3009 `transferWithAuthorization` signed as EIP-712 typed data
 //! (x402 `specs/schemes/exact/scheme_exact_evm.md`). Hashing uses alloy's `sol!` struct
-//! and `Eip712Domain`; recovery uses alloy's `Signature` over k256. The checks are the
+//! and `Eip712Domain`; recovery uses libsecp256k1 (the `secp256k1` crate). The checks are the
 //! reference facilitator's: recipient, amount, validity window (with a 6 s margin for
 //! the settlement transaction to land) and, for 65-byte EOA signatures, that the
 //! signature recovers to `from`. Longer signatures (ERC-1271 / ERC-6492 smart wallets)
@@ -192,8 +192,21 @@ pub fn recover(
     if sig.normalize_s().is_some() {
         return Err(LocalError::Signature("s is in the upper half of the curve order"));
     }
-    sig.recover_address_from_prehash(&signing_hash(domain, transfer))
-        .map_err(|_| LocalError::Signature("no public key recovers from it"))
+    recover_prehash(&signing_hash(domain, transfer), sig).ok_or(LocalError::Signature("no public key recovers from it"))
+}
+
+/// ECDSA public-key recovery with libsecp256k1 (the `secp256k1` crate): about four
+/// times faster than the pure-Rust k256 path, and recovery is the whole cost of a
+/// local payment check. The address is the last 20 bytes of the key's keccak256.
+fn recover_prehash(prehash: &B256, sig: &Signature) -> Option<Address> {
+    use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
+    let id = RecoveryId::try_from(i32::from(sig.v())).ok()?;
+    let mut compact = [0u8; 64];
+    compact[..32].copy_from_slice(&sig.r().to_be_bytes::<32>());
+    compact[32..].copy_from_slice(&sig.s().to_be_bytes::<32>());
+    let rs = RecoverableSignature::from_compact(&compact, id).ok()?;
+    let key = secp256k1::SECP256K1.recover_ecdsa(secp256k1::Message::from_digest(prehash.0), &rs).ok()?;
+    Some(Address::from_raw_public_key(&key.serialize_uncompressed()[1..]))
 }
 
 /// `0x` + 40 hex digits, any case (checksums are not required by x402).
