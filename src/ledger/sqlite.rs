@@ -160,6 +160,7 @@ impl Default for SqliteOptions {
 pub struct SqliteLedger {
     writer: Worker,
     reader: Worker,
+    _checkpointer: Checkpointer,
     commits: Arc<AtomicU64>,
 }
 
@@ -177,7 +178,11 @@ impl SqliteLedger {
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteLedger> {
         let mut conn = connect(path, opts.busy_timeout)?;
         let sync = if opts.synchronous_full { "FULL" } else { "NORMAL" };
-        conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"))?;
+        // Checkpoints (which fsync the database file) run on their own thread, so the
+        // writer never stalls a payment behind one.
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;"
+        ))?;
         migrate(&mut conn).map_err(|e| LedgerError::Other(format!("{}: {e}", path.display())))?;
 
         let reader_conn = connect(path, opts.busy_timeout)?;
@@ -189,7 +194,8 @@ impl SqliteLedger {
             move |queue| write_loop(&conn, queue, &commits)
         })?;
         let reader = Worker::spawn("tollgate-ledger-reader", move |queue| read_loop(&reader_conn, queue))?;
-        Ok(SqliteLedger { writer, reader, commits })
+        let checkpointer = Checkpointer::spawn(connect(path, opts.busy_timeout)?)?;
+        Ok(SqliteLedger { writer, reader, _checkpointer: checkpointer, commits })
     }
 
     /// Number of write transactions committed so far. Each may carry up to
@@ -379,6 +385,41 @@ impl Drop for Worker {
         self.queue = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Copies the WAL back into the database file in the background (`PASSIVE`: it never
+/// blocks the writer), every [`CHECKPOINT_EVERY`]. Stops and joins when dropped.
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+impl Checkpointer {
+    fn spawn(conn: Connection) -> Result<Checkpointer> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tollgate-ledger-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "ledger WAL checkpoint failed; will retry");
+                    }
+                }
+            })
+            .map_err(|e| LedgerError::Other(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Checkpointer { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
