@@ -244,7 +244,7 @@ mod tests {
     use alloy_signer::SignerSync;
     use serde_json::Value;
 
-    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/spec/x402-vectors.json");
+    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/x402-vectors.json");
     /// Between the vectors' validAfter (1740672089) and validBefore (1740672154).
     const VECTOR_NOW: u64 = 1_740_672_100;
 
