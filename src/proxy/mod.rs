@@ -28,7 +28,39 @@ use crate::config::{duration, UpstreamConfig};
 use crate::metrics::{Metrics, UpstreamLabel};
 use crate::Body;
 
-type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Settings of an outgoing connection pool (upstreams, facilitators).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings<'a> {
+    pub connect_timeout: Duration,
+    /// PEM CA bundle to trust instead of the web PKI roots.
+    pub ca: Option<&'a std::path::Path>,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+/// A pooled HTTP/1.1 client for `http://` and `https://` URLs (rustls).
+pub fn pooled_client<B>(p: PoolSettings<'_>) -> Result<Client<HttpsConnector, B>, String>
+where
+    B: http_body::Body + Send,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(p.connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_client_config(p.ca)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(p.idle_timeout)
+        .pool_max_idle_per_host(p.max_idle)
+        .build(connector))
+}
 
 /// Facts about the client connection, put in each request's extensions by the server.
 #[derive(Debug, Clone, Copy)]
@@ -117,21 +149,13 @@ impl Upstream {
         let authority = uri.authority().cloned().ok_or_else(|| format!("upstream {}: url has no host", cfg.name))?;
         let base_path = uri.path().trim_end_matches('/').to_owned();
 
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(duration(&cfg.connect_timeout)));
-        let tls = tls_client_config(cfg.ca.as_deref())?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(duration(&cfg.pool_idle_timeout))
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .build(connector);
+        let client = pooled_client(PoolSettings {
+            connect_timeout: duration(&cfg.connect_timeout),
+            ca: cfg.ca.as_deref(),
+            idle_timeout: duration(&cfg.pool_idle_timeout),
+            max_idle: cfg.pool_max_idle,
+        })
+        .map_err(|e| format!("upstream {}: {e}", cfg.name))?;
         let inject = cfg
             .headers
             .iter()

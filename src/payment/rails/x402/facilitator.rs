@@ -14,9 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
 
 use super::types::{FacilitatorRequest, SettleResponse, SupportedResponse, VerifyResponse};
@@ -26,7 +24,7 @@ use crate::payment::Reason;
 /// Longest facilitator answer read; a JSON verdict is a few hundred bytes.
 pub const MAX_ANSWER: usize = 64 * 1024;
 
-type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+use crate::proxy::HttpsConnector;
 
 /// A facilitator call that produced no verdict.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,22 +77,12 @@ impl FacilitatorClient {
     /// Builds the client for a validated `[x402]` section.
     pub fn new(cfg: &X402Config) -> Result<FacilitatorClient, String> {
         let timeout = duration(&cfg.facilitator_timeout);
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeout));
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let client = crate::proxy::pooled_client(crate::proxy::PoolSettings {
+            connect_timeout: timeout,
+            ca: None,
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 8,
+        })?;
         let mut headers = Vec::new();
         for (k, v) in &cfg.facilitator_headers {
             let name = HeaderName::from_bytes(k.as_bytes())
