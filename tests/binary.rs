@@ -160,8 +160,8 @@ async fn kill_9_during_paid_load_leaves_the_ledger_consistent() {
             }
         }));
     }
-    // Kill once real paid traffic is flowing, mid-load.
-    for _ in 0..400 {
+    // Kill once real paid traffic is flowing, mid-load (bounded: 20 s at most).
+    for _ in 0..2000 {
         if served.load(Ordering::SeqCst) >= 150 {
             break;
         }
