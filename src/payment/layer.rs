@@ -138,9 +138,11 @@ impl PaymentGate {
         }
     }
 
-    fn refuse<B>(
+    /// Answers a refusal to a client that asked for `path` (`html`: it prefers a page).
+    fn refuse(
         &self,
-        req: &Request<B>,
+        path: &str,
+        html: bool,
         ctx: &RequestCtx,
         charge: &Charge<'_>,
         denial: Denial,
@@ -170,10 +172,10 @@ impl PaymentGate {
             route: &ctx.route.name,
             price: charge.price,
             request_id: &ctx.request_id,
-            instance: req.uri().path(),
+            instance: path,
             topup_url: self.topup_url.as_deref(),
         };
-        challenge::render(&refusal, &denial, parts, challenge::prefers_html(req.headers()))
+        challenge::render(&refusal, &denial, parts, html)
     }
 
     /// The whole gate for one priced request.
@@ -188,14 +190,16 @@ impl PaymentGate {
     {
         let route = &ctx.route;
         let price = route.price.unwrap_or_default();
-        let resource = format!("{}{}", self.public_base, req.uri().path());
+        let path = req.uri().path().to_owned();
+        let html = challenge::prefers_html(req.headers());
+        let resource = format!("{}{path}", self.public_base);
         let charge =
             Charge { route, price, request_id: &ctx.request_id, client_ip: ctx.client_ip, resource: &resource };
         let gate = self.routes.get(&route.index);
 
         if let Some(Err(secs)) = gate.and_then(|g| g.per_ip.as_ref()).map(|l| l.check(ctx.client_ip)) {
             let d = Denial::new(Reason::RateLimited, "Too many requests from this address.").retry_after(secs);
-            return Ok(self.refuse(&req, &ctx, &charge, d, gate));
+            return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
         }
 
         let chosen = route.accept.iter().filter_map(|n| self.rails.get(n)).find(|r| r.present(req.headers()));
@@ -221,7 +225,7 @@ impl PaymentGate {
                     ),
                 ),
             };
-            return Ok(self.refuse(&req, &ctx, &charge, d, gate));
+            return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
         };
         let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == rail.name()));
 
@@ -235,7 +239,7 @@ impl PaymentGate {
             let key: [u8; 32] = h.finalize().into();
             if let Err(secs) = limiter.check(key) {
                 let d = Denial::new(Reason::RateLimited, "Too many requests for this credential.").retry_after(secs);
-                return Ok(self.refuse(&req, &ctx, &charge, d, gate));
+                return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
             }
         }
 
@@ -254,7 +258,7 @@ impl PaymentGate {
                         h.rejected.inc();
                     }
                 }
-                return Ok(self.refuse(&req, &ctx, &charge, d, gate));
+                return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
             }
         };
         let mut guard = GrantGuard(Some(grant));
@@ -276,8 +280,6 @@ impl PaymentGate {
             }
             req.extensions_mut().insert(Paid { rail: rail_name, payer });
         }
-        let uri_path = req.uri().path().to_owned();
-        let accept_html = challenge::prefers_html(req.headers());
 
         let mut res = inner.oneshot(req).await?;
 
@@ -325,12 +327,7 @@ impl PaymentGate {
                 }
                 // The upstream body is dropped unread: the caller does not get what it
                 // was not charged for.
-                let mut fake = Request::new(());
-                *fake.uri_mut() = uri_path.parse().unwrap_or_default();
-                if accept_html {
-                    fake.headers_mut().insert(http::header::ACCEPT, HeaderValue::from_static("text/html"));
-                }
-                Ok(self.refuse(&fake, &ctx, &charge, d, gate))
+                Ok(self.refuse(&path, html, &ctx, &charge, d, gate))
             }
         }
     }
