@@ -14,10 +14,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use std::sync::atomic::AtomicI64;
+
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prometheus_client::metrics::gauge::Gauge;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::config::{Config, ConfigErrors};
@@ -236,7 +240,7 @@ impl Gateway {
             return finish(res, &request_id);
         };
         let rm = &snap.route_metrics[route.index];
-        let _inflight = Inflight::new(&self.shared.metrics);
+        let inflight = Inflight::new(&self.shared.metrics);
 
         let client_ip = snap.trusted.client_ip(peer, req.headers());
         let proto = if conn.is_some_and(|c| c.tls) { "https" } else { "http" };
@@ -281,6 +285,7 @@ impl Gateway {
             latency_us = elapsed.as_micros() as u64,
             "request"
         );
+        let res = res.map(|inner| TrackedBody { inner, inflight }.boxed_unsync());
         finish(res, &request_id)
     }
 }
@@ -310,18 +315,49 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     Some(host.to_ascii_lowercase())
 }
 
-struct Inflight<'a>(&'a Metrics);
+/// Counts a request in `tollgate_inflight_requests` until its response body has been
+/// sent or dropped, so long streams (SSE, downloads) count for as long as they run.
+struct Inflight(Gauge<i64, AtomicI64>);
 
-impl<'a> Inflight<'a> {
-    fn new(m: &'a Metrics) -> Self {
+impl Inflight {
+    fn new(m: &Metrics) -> Self {
         m.inflight.inc();
-        Inflight(m)
+        Inflight(m.inflight.clone())
     }
 }
 
-impl Drop for Inflight<'_> {
+impl Drop for Inflight {
     fn drop(&mut self) {
-        self.0.inflight.dec();
+        self.0.dec();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that carries its request's [`Inflight`] mark.
+    struct TrackedBody {
+        #[pin]
+        inner: Body,
+        inflight: Inflight,
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -18,3 +18,53 @@ async fn free_route_forwards_and_priced_route_asks_for_payment() {
     assert_eq!(up.hits(), 1);
     gw.shutdown().await;
 }
+
+/// A streaming response counts as in flight until its body is done, not just until
+/// its head was sent.
+#[tokio::test]
+async fn inflight_gauge_covers_the_whole_streamed_body() {
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let up = upstream(move |_req| {
+        let rx = rx.lock().unwrap().take().expect("one request");
+        async move {
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(http_body::Frame::data(b)), rx))
+            });
+            http::Response::new(http_body_util::StreamBody::new(stream).map_err(|e| match e {}).boxed_unsync())
+        }
+    })
+    .await;
+    let gw = gateway(&format!(
+        "[[upstream]]\nname = \"api\"\nurl = \"{}\"\n\n[[route]]\nname = \"all\"\nupstream = \"api\"\npath = \"/*\"\nfree = true\n",
+        up.url()
+    ))
+    .await;
+    let inflight = |text: String| {
+        text.lines().find_map(|l| l.strip_prefix("tollgate_inflight_requests ")).unwrap().trim().to_owned()
+    };
+    let req = http::Request::get(gw.url("/stream")).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
+    let res = client().request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    tx.send(bytes::Bytes::from_static(b"first")).await.unwrap();
+    let mut body = res.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "first");
+    assert_eq!(inflight(get(&gw.admin_url("/metrics"), &[]).await.text()), "1", "head sent, body still streaming");
+    drop(tx);
+    while body.frame().await.is_some() {}
+    // The gateway drops the body right after its last frame; give it a moment, bounded.
+    let mut last = String::new();
+    for _ in 0..100 {
+        last = inflight(get(&gw.admin_url("/metrics"), &[]).await.text());
+        if last == "0" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(last, "0");
+    gw.shutdown().await;
+}
