@@ -71,6 +71,7 @@ pub struct Running {
     pub gateway: Gateway,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    _ledger_lock: Option<std::fs::File>,
 }
 
 impl Running {
@@ -103,6 +104,7 @@ pub async fn start(
     rails: RailFactory,
 ) -> Result<Running, ConfigErrors> {
     let errs = |m: String| ConfigErrors(vec![m]);
+    let ledger_lock = lock_single_replica_ledger(&cfg).map_err(errs)?;
     let metrics = Arc::new(Metrics::new());
     let limits = Limits::from_config(&cfg);
     let tls = match &cfg.server.tls {
@@ -143,7 +145,35 @@ pub async fn start(
     )));
     tasks.push(tokio::spawn(sweeper(gateway.clone(), rx)));
     tracing::info!(%addr, %admin_addr, "tollgate listening");
-    Ok(Running { addr, admin_addr, gateway, shutdown: tx, tasks })
+    Ok(Running { addr, admin_addr, gateway, shutdown: tx, tasks, _ledger_lock: ledger_lock })
+}
+
+/// An SQLite ledger belongs to one gateway: a second `run` on the same file would treat
+/// the first one's holds as abandoned and release them at start-up. The lock is an
+/// advisory file lock next to the database, freed by the kernel when the process dies
+/// (so a restart after `kill -9` is never blocked). `tollgate keys` does not take it.
+fn lock_single_replica_ledger(cfg: &Config) -> Result<Option<std::fs::File>, String> {
+    if cfg.ledger.backend != LedgerBackend::Sqlite {
+        return Ok(None);
+    }
+    let mut path = cfg.ledger.path.clone().into_os_string();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("ledger: cannot open lock file {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "ledger: {} is in use by another running tollgate; an SQLite ledger serves one gateway \
+(stop the other, or use backend = \"postgres\" for several replicas)",
+            cfg.ledger.path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("ledger: cannot lock {}: {e}", path.display())),
+    }
 }
 
 fn stale_after(gw: &Gateway) -> Duration {

@@ -68,3 +68,23 @@ async fn inflight_gauge_covers_the_whole_streamed_body() {
     assert_eq!(last, "0");
     gw.shutdown().await;
 }
+
+/// A second gateway on the same SQLite ledger is refused: it would release the first
+/// one's holds as abandoned. After the first stops, the file is free again.
+#[tokio::test]
+async fn an_sqlite_ledger_serves_one_gateway() {
+    let up = ok_upstream().await;
+    let rest = format!("[[upstream]]\nname = \"api\"\nurl = \"{}\"\n", up.url());
+    let mut first = gateway(&rest).await;
+    let text = std::fs::read_to_string(&first.config_path).unwrap();
+    let cfg = tollgate::config::Config::parse(&text, |_| None).unwrap();
+    let ledger = tollgate::app::open_ledger(&cfg).await.unwrap();
+    let err = tollgate::app::start(cfg.clone(), None, ledger.clone(), tollgate::app::default_rails())
+        .await
+        .expect_err("second gateway on the same ledger");
+    assert!(err.0[0].contains("in use by another running tollgate"), "{err:?}");
+    // Stop the first gateway but keep its temp dir (and ledger file).
+    first.running.take().unwrap().shutdown().await;
+    let second = tollgate::app::start(cfg, None, ledger, tollgate::app::default_rails()).await.unwrap();
+    second.shutdown().await;
+}

@@ -485,7 +485,7 @@ async fn large_download_streams_with_bounded_memory() {
                 n += d.len();
             }
             frames += 1;
-            if frames % 64 == 0 {
+            if frames.is_multiple_of(64) {
                 peak = peak.max(rss_bytes());
             }
         }
