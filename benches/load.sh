@@ -79,7 +79,7 @@ PGDATA_DIR="$WORK/pg"; mkdir -p "$PGDATA_DIR"; chown postgres "$WORK" "$PGDATA_D
 runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA_DIR" -A trust -U postgres >/dev/null
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$WORK/pg.log" -w \
   -o "-p $PG_PORT -k $PGDATA_DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c synchronous_commit=${PG_SYNC_COMMIT:-on}" start >/dev/null
-taskset -pc $LOAD_CORE $(head -1 "$PGDATA_DIR/postmaster.pid") >/dev/null 2>&1 || true
+taskset -pc ${PG_CORE:-$LOAD_CORE} $(head -1 "$PGDATA_DIR/postmaster.pid") >/dev/null 2>&1 || true
 
 tg_config() { # port admin backend
   cat <<CONF
@@ -115,17 +115,36 @@ CONF
 }
 tg_config $TG_PORT $TG_ADMIN sqlite > "$WORK/tg.toml"
 tg_config $TGP_PORT $TGP_ADMIN postgres > "$WORK/tgp.toml"
-KEY=$($TG keys create --balance 1000000 --json --config "$WORK/tg.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
-PKEY=$($TG keys create --balance 1000000 --json --config "$WORK/tgp.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+# Paying clients: KEYS API keys (default 64, one per connection), used round-robin by a
+# wrk script, as many customers would; KEYS=1 measures one hot key instead.
+export KEYS=${KEYS:-64}
+make_keys() { # config → wrk lua script
+  local lua="$WORK/keys-$(basename "$1" .toml).lua"
+  echo "local keys = {" > "$lua"
+  for _ in $(seq 1 "$KEYS"); do
+    $TG keys create --balance 1000000 --json --config "$1" | python3 -c 'import json,sys; print("  \"Bearer " + json.load(sys.stdin)["key"] + "\",")' >> "$lua"
+  done
+  cat >> "$lua" <<'LUA'
+}
+local i = 0
+request = function()
+  i = i % #keys + 1
+  return wrk.format(nil, nil, { ["Authorization"] = keys[i] })
+end
+LUA
+  echo "$lua"
+}
+KEY_LUA=$(make_keys "$WORK/tg.toml")
+PKEY_LUA=$(make_keys "$WORK/tgp.toml")
 taskset -c $PROXY_CORE $TG run --config "$WORK/tg.toml" 2>"$WORK/tg.err" & TG_PID=$!; PIDS+=($TG_PID)
 wait_port $ORIGIN; wait_port $NGX; wait_port $TG_PORT
 sleep 0.5
 IDLE_RSS=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status)
 
 # wrk output → "rps p50_us p99_us"
-run_wrk() { # conns duration url [header]
+run_wrk() { # conns duration url [lua script]
   local out
-  if [ -n "${4:-}" ]; then out=$(taskset -c $LOAD_CORE wrk -t1 -c"$1" -d"$2"s --latency -H "$4" "$3"); else out=$(taskset -c $LOAD_CORE wrk -t1 -c"$1" -d"$2"s --latency "$3"); fi
+  if [ -n "${4:-}" ]; then out=$(taskset -c $LOAD_CORE wrk -t1 -c"$1" -d"$2"s --latency -s "$4" "$3"); else out=$(taskset -c $LOAD_CORE wrk -t1 -c"$1" -d"$2"s --latency "$3"); fi
   python3 - "$out" <<'PY'
 import re, sys
 out = sys.argv[1]
@@ -137,7 +156,7 @@ def us(v):
         sys.exit(f"unexpected latency {v!r} in wrk output:\n{out}")
     return float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6, "m": 6e7}[m.group(2)]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-p50 = us(re.search(r"50%\s+(\S+)", out).group(1)); p99 = us(re.search(r"99%\s+(\S+)", out).group(1))
+p50 = us(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)); p99 = us(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 if non2xx: print(f"warning: {non2xx.group(1)} non-2xx responses", file=sys.stderr)
 print(f"{rps:.0f} {p50:.0f} {p99:.0f}")
@@ -145,7 +164,7 @@ PY
 }
 
 declare -A RPS P50 P99
-measure() { # name url [header]
+measure() { # name url [lua script]
   read -r r _ _ < <(run_wrk $CONNS "$DUR" "$2" "${3:-}")
   read -r _ a b < <(run_wrk 1 "$LAT_DUR" "$2" "${3:-}")
   RPS[$1]=$r; P50[$1]=$a; P99[$1]=$b
@@ -155,7 +174,7 @@ echo "measuring (${DUR}s saturated, ${LAT_DUR}s unloaded each)…" >&2
 measure direct "http://127.0.0.1:$ORIGIN/x"
 measure nginx "http://127.0.0.1:$NGX/x"
 measure tollgate_free "http://127.0.0.1:$TG_PORT/x"
-measure tollgate_credits_sqlite "http://127.0.0.1:$TG_PORT/paid/x" "Authorization: Bearer $KEY"
+measure tollgate_credits_sqlite "http://127.0.0.1:$TG_PORT/paid/x" "$KEY_LUA"
 
 # Streaming RSS: 1 GB through tollgate, sampling RSS.
 MAXRSS=$IDLE_RSS
@@ -167,7 +186,7 @@ kill $TG_PID; wait $TG_PID 2>/dev/null || true
 
 taskset -c $PROXY_CORE $TG run --config "$WORK/tgp.toml" 2>"$WORK/tgp.err" & TGP_PID=$!; PIDS+=($TGP_PID)
 wait_port $TGP_PORT; sleep 0.5
-measure tollgate_credits_postgres "http://127.0.0.1:$TGP_PORT/paid/x" "Authorization: Bearer $PKEY"
+measure tollgate_credits_postgres "http://127.0.0.1:$TGP_PORT/paid/x" "$PKEY_LUA"
 
 python3 - "$IDLE_RSS" "$MAXRSS" \
   "${RPS[direct]} ${P50[direct]} ${P99[direct]}" "${RPS[nginx]} ${P50[nginx]} ${P99[nginx]}" \
@@ -191,6 +210,6 @@ for name, (r, p50, p99) in zip(rows, vals):
     add99 = "—" if name.startswith("direct") else f"{p99-d99:.0f}"
     print(f"| {name} | {r:.0f} | {ratio} | {p50:.0f} | {p99:.0f} | {add50} | {add99} |")
 import os
-print(f"\nPostgreSQL 15 on the same machine, synchronous_commit={os.environ.get('PG_SYNC_COMMIT', 'on')}")
+print(f"\nPaying clients use {os.environ.get('KEYS', '64')} API keys round-robin; PostgreSQL 15 on the same machine, synchronous_commit={os.environ.get('PG_SYNC_COMMIT', 'on')}")
 print(f"tollgate RSS: idle {idle/1024:.1f} MB; max while streaming 1 GB {maxrss/1024:.1f} MB")
 PY
