@@ -696,7 +696,11 @@ async fn failed_settlement_withholds_the_upstream_response() {
         assert_refused(&r, 402, "settlement_failed", cause);
         assert_eq!(r.json()["cause"], cause);
         assert!(r.json().get("ok").is_none(), "the upstream body is not delivered");
-        assert!(r.header("payment-response").is_none());
+        let settle = b64_json(r.header("payment-response").expect("the failed settlement is reported"));
+        assert_eq!(settle["success"], false);
+        assert_eq!(settle["errorReason"], cause);
+        assert_eq!(settle["transaction"], "");
+        assert_eq!(settle["network"], "eip155:84532");
         assert!(r.header("payment-required").is_some());
         assert_eq!(up.hits(), i + 1, "the upstream was asked, after verification");
         assert_eq!(fac.settle_calls(), i + 1);

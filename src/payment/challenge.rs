@@ -82,12 +82,14 @@ pub fn render(r: &Refusal<'_>, denial: &Denial, parts: Vec<ChallengePart>, html:
     if let Some(secs) = denial.retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    for (k, v) in headers {
+    for (k, v) in headers.into_iter().chain(denial.headers.iter().cloned()) {
         h.append(k, v);
     }
     h.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("PAYMENT-REQUIRED, WWW-Authenticate, Retry-After, X-Request-Id"),
+        HeaderValue::from_static(
+            "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE, WWW-Authenticate, Retry-After, X-Request-Id",
+        ),
     );
     res
 }

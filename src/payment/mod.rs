@@ -92,6 +92,8 @@ pub struct Denial {
     pub retry_after: Option<u64>,
     /// The rail whose credential was refused, if any.
     pub rail: Option<&'static str>,
+    /// Extra response headers (e.g. x402's `PAYMENT-RESPONSE` with `success: false`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Denial {
@@ -101,7 +103,7 @@ impl Denial {
             Reason::RateLimited => Some(1),
             _ => None,
         };
-        Denial { reason, detail: detail.into(), cause: None, retry_after, rail: None }
+        Denial { reason, detail: detail.into(), cause: None, retry_after, rail: None, headers: Vec::new() }
     }
 
     pub fn cause(mut self, c: impl Into<String>) -> Denial {
@@ -111,6 +113,11 @@ impl Denial {
 
     pub fn rail(mut self, r: &'static str) -> Denial {
         self.rail = Some(r);
+        self
+    }
+
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Denial {
+        self.headers.push((name, value));
         self
     }
 

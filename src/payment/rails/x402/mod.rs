@@ -408,12 +408,27 @@ impl Shared {
             payment_payload: &p.payload,
             payment_requirements: &p.requirements,
         };
+        // Like the reference servers, the refusal carries the failed SettleResponse in
+        // the version's settlement header.
         let failed = |cause: String, why: &str| {
-            deny(
+            let mut d = deny(
                 Reason::SettlementFailed,
                 format!("The x402 payment was verified but could not be settled ({why}); you were not served. Retry with a new payment."),
-            )
-            .cause(cause)
+            );
+            let body = SettleResponse {
+                success: false,
+                error_reason: Some(cause.clone()),
+                payer: Some(p.payer.clone()),
+                transaction: String::new(),
+                network: p.network.clone(),
+            };
+            let name = if p.version == 1 { X_PAYMENT_RESPONSE } else { PAYMENT_RESPONSE };
+            if let Some(v) =
+                serde_json::to_vec(&body).ok().and_then(|j| HeaderValue::from_str(&STANDARD.encode(j)).ok())
+            {
+                d = d.header(name, v);
+            }
+            d.cause(cause)
         };
         let res = match self.facilitator.settle(&req).await {
             Ok(r) => r,
