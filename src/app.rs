@@ -120,6 +120,13 @@ pub async fn start(
     let addr = listener.local_addr().map_err(|e| errs(e.to_string()))?;
     let admin_addr = admin_listener.local_addr().map_err(|e| errs(e.to_string()))?;
 
+    if cfg.server.public_url.is_none() && cfg.routes.iter().any(|r| !r.free) {
+        tracing::warn!(
+            base = %cfg.public_base(),
+            "server.public_url is not set: 402 problem links and x402 resources will use the listen address; \
+set it to the URL clients call"
+        );
+    }
     let gateway = Gateway::new(cfg, config_path, ledger.clone(), metrics, rails)?;
     let (tx, rx) = watch::channel(false);
 
