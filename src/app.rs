@@ -124,7 +124,7 @@ pub async fn start(
         tracing::warn!(
             base = %cfg.public_base(),
             "server.public_url is not set: 402 problem links and x402 resources will use the listen address; \
-set it to the URL clients call"
+        set it to the URL clients call"
         );
     }
     let gateway = Gateway::new(cfg, config_path, ledger.clone(), metrics, rails)?;
