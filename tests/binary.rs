@@ -2,26 +2,12 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-
-/// Kills the child process (by PID) when dropped, whatever happened.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn write_config(dir: &std::path::Path, upstream: &str, port: u16, admin_port: u16) -> std::path::PathBuf {
     let text = format!(
@@ -37,19 +23,6 @@ fn write_config(dir: &std::path::Path, upstream: &str, port: u16, admin_port: u1
     path
 }
 
-fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary()).args(args).arg("--config").arg(config).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
 #[tokio::test]
 async fn keys_cli_creates_credits_shows_lists_and_revokes() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,7 +30,7 @@ async fn keys_cli_creates_credits_shows_lists_and_revokes() {
 
     let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", "5.00", "--label", "acme", "--json"]);
     assert!(ok, "{err}");
-    let k = json(&out);
+    let k = parse_json(&out);
     let id = k["id"].as_str().unwrap().to_owned();
     assert!(k["key"].as_str().unwrap().starts_with("tg_live_"));
     assert_eq!(k["balance"], "5.00");
@@ -68,25 +41,25 @@ async fn keys_cli_creates_credits_shows_lists_and_revokes() {
 
     let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
     assert!(ok);
-    assert_eq!(json(&out)["balance"], "7.50");
+    assert_eq!(parse_json(&out)["balance"], "7.50");
     let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
     assert!(ok);
-    assert_eq!(json(&out)["applied"], false);
-    assert_eq!(json(&out)["balance"], "7.50");
+    assert_eq!(parse_json(&out)["applied"], false);
+    assert_eq!(parse_json(&out)["balance"], "7.50");
 
     let (ok, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
     assert!(ok);
-    assert_eq!(json(&out)["label"], "acme");
+    assert_eq!(parse_json(&out)["label"], "acme");
     assert!(!out.contains("tg_live_"), "the secret is never shown again");
     let (ok, out, _) = cli(&cfg, &["keys", "list", "--json"]);
     assert!(ok);
-    assert_eq!(json(&out)["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(parse_json(&out)["keys"].as_array().unwrap().len(), 2);
 
     let (ok, out, _) = cli(&cfg, &["keys", "revoke", &id]);
     assert!(ok);
     assert!(out.contains("revoked"));
     let (_, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
-    assert_eq!(json(&out)["revoked"], true);
+    assert_eq!(parse_json(&out)["revoked"], true);
 
     let (ok, _, err) = cli(&cfg, &["keys", "credit", "key_missing", "1"]);
     assert!(!ok);
@@ -119,7 +92,7 @@ async fn kill_9_during_paid_load_leaves_the_ledger_consistent() {
     let cfg = write_config(dir.path(), &up.url(), port, admin_port);
     let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", "10", "--json"]);
     assert!(ok, "{err}");
-    let k = json(&out);
+    let k = parse_json(&out);
     let (id, key) = (k["id"].as_str().unwrap().to_owned(), k["key"].as_str().unwrap().to_owned());
     let admin_base = format!("http://127.0.0.1:{admin_port}");
 

@@ -307,20 +307,7 @@ async fn shutdown_deadline_closes_connections_that_do_not_finish() {
 // === the binary: signals and `check` ===
 
 /// The `tollgate` child process; killed (by PID) and reaped however the test ends.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn signal(child: &ChildGuard, sig: &str) {
+fn signal(child: &Proc, sig: &str) {
     let status = Command::new("kill").arg(format!("-{sig}")).arg(child.0.id().to_string()).status().unwrap();
     assert!(status.success(), "kill -{sig} failed");
 }
@@ -353,7 +340,7 @@ async fn sighup_reloads_and_sigterm_drains_then_exits_zero() {
         .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
         .spawn()
         .unwrap();
-    let mut child = ChildGuard(child);
+    let mut child = Proc(child);
     let base = format!("http://127.0.0.1:{port}");
 
     let ready = async {

@@ -6,7 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,22 +38,8 @@ async fn ledger(url: &str) -> Arc<PostgresLedger> {
     Arc::new(PostgresLedger::connect(url, opts()).await.unwrap())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-/// Kills the child process (by PID) when dropped, whatever happened.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A gateway config on the PostgreSQL ledger at `url`: `/v1/*` priced 0.002 USD in
@@ -430,19 +416,6 @@ async fn database_outage_fails_closed_and_heals_without_restart() {
 
 // === CLI ===
 
-fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary()).args(args).arg("--config").arg(config).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn parse(s: &str) -> serde_json::Value {
-    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_cli_and_doctor_work_against_postgres() {
     let cluster = Cluster::spawn().await;
@@ -453,26 +426,26 @@ async fn keys_cli_and_doctor_work_against_postgres() {
 
     let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", "5.00", "--label", "acme", "--json"]);
     assert!(ok, "{err}");
-    let k = parse(&out);
+    let k = parse_json(&out);
     let id = k["id"].as_str().unwrap().to_owned();
     assert_eq!(k["balance"], "5.00");
 
     let (ok, out, err) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
     assert!(ok, "{err}");
-    assert_eq!(parse(&out)["balance"], "7.50");
+    assert_eq!(parse_json(&out)["balance"], "7.50");
     let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
     assert!(ok);
-    assert_eq!(parse(&out)["applied"], false);
-    assert_eq!(parse(&out)["balance"], "7.50");
+    assert_eq!(parse_json(&out)["applied"], false);
+    assert_eq!(parse_json(&out)["balance"], "7.50");
 
     let (ok, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
     assert!(ok);
-    let shown = parse(&out);
+    let shown = parse_json(&out);
     assert_eq!((shown["label"].as_str(), shown["balance"].as_str()), (Some("acme"), Some("7.50")));
     let (ok, out, _) = cli(&cfg, &["keys", "revoke", &id]);
     assert!(ok, "{out}");
     let (_, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
-    assert_eq!(parse(&out)["revoked"], true);
+    assert_eq!(parse_json(&out)["revoked"], true);
     // The CLI wrote to the shared database, not to a local file.
     let l = ledger(&url).await;
     let rows = l.transactions(Some(&id), 100).await.unwrap();
