@@ -28,45 +28,7 @@ async fn keys_cli_creates_credits_shows_lists_and_revokes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "http://127.0.0.1:9", free_port(), free_port());
 
-    let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", "5.00", "--label", "acme", "--json"]);
-    assert!(ok, "{err}");
-    let k = parse_json(&out);
-    let id = k["id"].as_str().unwrap().to_owned();
-    assert!(k["key"].as_str().unwrap().starts_with("tg_live_"));
-    assert_eq!(k["balance"], "5.00");
-
-    let (ok, out, _) = cli(&cfg, &["keys", "create", "--balance", "1"]);
-    assert!(ok);
-    assert!(out.contains("shown only this once"), "{out}");
-
-    let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
-    assert!(ok);
-    assert_eq!(parse_json(&out)["balance"], "7.50");
-    let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
-    assert!(ok);
-    assert_eq!(parse_json(&out)["applied"], false);
-    assert_eq!(parse_json(&out)["balance"], "7.50");
-
-    let (ok, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
-    assert!(ok);
-    assert_eq!(parse_json(&out)["label"], "acme");
-    assert!(!out.contains("tg_live_"), "the secret is never shown again");
-    let (ok, out, _) = cli(&cfg, &["keys", "list", "--json"]);
-    assert!(ok);
-    assert_eq!(parse_json(&out)["keys"].as_array().unwrap().len(), 2);
-
-    let (ok, out, _) = cli(&cfg, &["keys", "revoke", &id]);
-    assert!(ok);
-    assert!(out.contains("revoked"));
-    let (_, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
-    assert_eq!(parse_json(&out)["revoked"], true);
-
-    let (ok, _, err) = cli(&cfg, &["keys", "credit", "key_missing", "1"]);
-    assert!(!ok);
-    assert!(err.contains("key_missing"), "{err}");
-    let (ok, _, err) = cli(&cfg, &["keys", "credit", &id, "0.0000001"]);
-    assert!(!ok);
-    assert!(err.contains("6 decimal"), "{err}");
+    keys_cli_round_trip(&cfg);
 }
 
 async fn wait_healthy(admin: &str) {

@@ -424,28 +424,7 @@ async fn keys_cli_and_doctor_work_against_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write(dir.path(), "tollgate.toml", &config_text(&url, free_port(), free_port(), &up.url(), None));
 
-    let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", "5.00", "--label", "acme", "--json"]);
-    assert!(ok, "{err}");
-    let k = parse_json(&out);
-    let id = k["id"].as_str().unwrap().to_owned();
-    assert_eq!(k["balance"], "5.00");
-
-    let (ok, out, err) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
-    assert!(ok, "{err}");
-    assert_eq!(parse_json(&out)["balance"], "7.50");
-    let (ok, out, _) = cli(&cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
-    assert!(ok);
-    assert_eq!(parse_json(&out)["applied"], false);
-    assert_eq!(parse_json(&out)["balance"], "7.50");
-
-    let (ok, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
-    assert!(ok);
-    let shown = parse_json(&out);
-    assert_eq!((shown["label"].as_str(), shown["balance"].as_str()), (Some("acme"), Some("7.50")));
-    let (ok, out, _) = cli(&cfg, &["keys", "revoke", &id]);
-    assert!(ok, "{out}");
-    let (_, out, _) = cli(&cfg, &["keys", "show", &id, "--json"]);
-    assert_eq!(parse_json(&out)["revoked"], true);
+    let id = keys_cli_round_trip(&cfg);
     // The CLI wrote to the shared database, not to a local file.
     let l = ledger(&url).await;
     let rows = l.transactions(Some(&id), 100).await.unwrap();

@@ -282,3 +282,50 @@ pub fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
 pub fn parse_json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
+
+/// The `tollgate keys` round trip every ledger backend must pass, through the built
+/// binary: create (JSON and readable), idempotent credit, show, list, revoke, and the
+/// errors for an unknown key and an over-precise amount. Returns the first key's id.
+pub fn keys_cli_round_trip(cfg: &std::path::Path) -> String {
+    let (ok, out, err) = cli(cfg, &["keys", "create", "--balance", "5.00", "--label", "acme", "--json"]);
+    assert!(ok, "{err}");
+    let k = parse_json(&out);
+    let id = k["id"].as_str().unwrap().to_owned();
+    assert!(k["key"].as_str().unwrap().starts_with("tg_live_"));
+    assert_eq!(k["balance"], "5.00");
+
+    let (ok, out, err) = cli(cfg, &["keys", "create", "--balance", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("shown only this once"), "{out}");
+
+    let (ok, out, err) = cli(cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(parse_json(&out)["balance"], "7.50");
+    let (ok, out, _) = cli(cfg, &["keys", "credit", &id, "2.5", "--idempotency-key", "inv-7", "--json"]);
+    assert!(ok);
+    assert_eq!(parse_json(&out)["applied"], false);
+    assert_eq!(parse_json(&out)["balance"], "7.50");
+
+    let (ok, out, _) = cli(cfg, &["keys", "show", &id, "--json"]);
+    assert!(ok);
+    let shown = parse_json(&out);
+    assert_eq!((shown["label"].as_str(), shown["balance"].as_str()), (Some("acme"), Some("7.50")));
+    assert!(!out.contains("tg_live_"), "the secret is never shown again");
+    let (ok, out, _) = cli(cfg, &["keys", "list", "--json"]);
+    assert!(ok);
+    assert_eq!(parse_json(&out)["keys"].as_array().unwrap().len(), 2);
+
+    let (ok, out, _) = cli(cfg, &["keys", "revoke", &id]);
+    assert!(ok, "{out}");
+    assert!(out.contains("revoked"));
+    let (_, out, _) = cli(cfg, &["keys", "show", &id, "--json"]);
+    assert_eq!(parse_json(&out)["revoked"], true);
+
+    let (ok, _, err) = cli(cfg, &["keys", "credit", "key_missing", "1"]);
+    assert!(!ok);
+    assert!(err.contains("key_missing"), "{err}");
+    let (ok, _, err) = cli(cfg, &["keys", "credit", &id, "0.0000001"]);
+    assert!(!ok);
+    assert!(err.contains("6 decimal"), "{err}");
+    id
+}
