@@ -199,29 +199,26 @@ impl Upstream {
             .map_err(|e| ProxyError::BadRequest(e.to_string()))
     }
 
-    /// Forwards `req` and returns the upstream's response with a streaming body.
+    /// Forwards `req` (already through [`prepare_request`]) and returns the upstream's
+    /// response with a streaming body.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
         strip_prefix: Option<&str>,
     ) -> Result<Response<Body>, ProxyError> {
-        let upgrade = headers::upgrade_request(req.headers());
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let client_upgrade = headers::upgrade_request(req.headers()).map(|_| hyper::upgrade::on(&mut req));
 
         let uri = self.target(req.uri().path_and_query(), strip_prefix)?;
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
+        // Hop-by-hop fields were already removed on arrival (`prepare_request`), which
+        // left exactly `Connection: upgrade` + `Upgrade` on an upgrade request.
         let h = req.headers_mut();
-        headers::strip_hop_by_hop(h);
         // Host is set by the client from the upstream URI, as nginx's default
         // `proxy_set_header Host $proxy_host` does; the original is in X-Forwarded-Host.
         h.remove(header::HOST);
         for (k, v) in &self.inject {
             h.insert(k.clone(), v.clone());
-        }
-        if let Some(proto) = &upgrade {
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(header::UPGRADE, proto.clone());
         }
 
         let client_failed = Arc::new(AtomicBool::new(false));
