@@ -88,3 +88,24 @@ async fn an_sqlite_ledger_serves_one_gateway() {
     let second = tollgate::app::start(cfg, None, ledger, tollgate::app::default_rails()).await.unwrap();
     second.shutdown().await;
 }
+
+/// Without `admin.token` the admin API is off, and says how to turn it on; the probes
+/// and metrics still answer.
+#[tokio::test]
+async fn admin_api_without_a_token_is_disabled_and_says_how_to_enable_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n",
+        db.display()
+    );
+    let gw = start_text(dir, &text, tollgate::app::default_rails()).await;
+    for (method, path) in [("POST", "/admin/keys"), ("POST", "/admin/reload"), ("GET", "/admin/transactions")] {
+        let r = send(method, &gw.admin_url(path), &[("authorization", "Bearer anything-at-all-123")], "{}").await;
+        assert_eq!(r.status, 403, "{method} {path}");
+        assert!(r.json()["error"].as_str().unwrap().contains("set admin.token"), "{}", r.text());
+    }
+    assert_eq!(get(&gw.admin_url("/healthz"), &[]).await.status, 200);
+    assert_eq!(get(&gw.admin_url("/metrics"), &[]).await.status, 200);
+    gw.shutdown().await;
+}
