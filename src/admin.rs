@@ -169,12 +169,15 @@ fn authorized(header: Option<&HeaderValue>, token: &str) -> bool {
     scheme.eq_ignore_ascii_case("bearer") && bool::from(given.trim().as_bytes().ct_eq(token.as_bytes()))
 }
 
-/// A money amount given as a decimal string (preferred) or a JSON number.
+/// A money amount: a decimal string, or a JSON integer of whole units. A JSON number
+/// with a fraction is refused: it has already been through a binary float when parsed,
+/// and money is never rounded.
 fn amount(v: &Value) -> Result<Micros, Response<Body>> {
+    let decimal_please = || error(StatusCode::BAD_REQUEST, "send amounts as decimal strings, like \"5.00\"");
     let s = match v {
         Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        _ => return Err(error(StatusCode::BAD_REQUEST, "amounts are decimal strings like \"5.00\"")),
+        Value::Number(n) => n.as_u64().ok_or_else(decimal_please)?.to_string(),
+        _ => return Err(decimal_please()),
     };
     Micros::parse(&s).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad amount: {e}")))
 }

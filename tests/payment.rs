@@ -428,12 +428,18 @@ async fn admin_api_manages_keys_and_credits_idempotently() {
     assert_eq!(r.status, 400);
     let r = admin(&gw, "POST", "/admin/keys/key_nope/credit", "{\"amount\":\"1\"}").await;
     assert_eq!(r.status, 404);
+    // A JSON number with a fraction went through a binary float: refused, not rounded.
+    let r = admin(&gw, "POST", &format!("/admin/keys/{id}/credit"), "{\"amount\":0.1}").await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("decimal strings"), "{}", r.text());
+    let r = admin(&gw, "POST", &format!("/admin/keys/{id}/credit"), "{\"amount\":1}").await;
+    assert_eq!(r.json()["balance"], "2.75", "a JSON integer is whole units");
 
     assert_eq!(get(&gw.url("/v1/chat/x"), &[("authorization", &bearer(&key))]).await.status, 200);
     let r = admin(&gw, "GET", &format!("/admin/transactions?key={id}&limit=10"), "").await;
     let txs = r.json()["transactions"].as_array().unwrap().clone();
     let kinds: Vec<&str> = txs.iter().map(|t| t["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["debit", "credit", "credit"]);
+    assert_eq!(kinds, ["debit", "credit", "credit", "credit"]);
     assert_eq!(txs[0]["amount"], "0.002");
     assert_eq!(txs[0]["status"], "captured");
     assert_eq!(txs[0]["route"], "chat");
