@@ -67,6 +67,10 @@ impl Micros {
     pub fn checked_add(self, o: Micros) -> Option<Micros> {
         self.0.checked_add(o.0).map(Micros)
     }
+
+    pub fn checked_sub(self, o: Micros) -> Option<Micros> {
+        self.0.checked_sub(o.0).map(Micros)
+    }
 }
 
 /// Formats with the fewest decimals that are exact, but at least two: `5.00`, `0.002`.

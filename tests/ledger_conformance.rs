@@ -509,40 +509,125 @@ async fn sqlite_reopen_keeps_everything() {
     let l = open(&path);
     let k = l.create_key(Some("durable"), Micros(50_000)).await.unwrap();
     l.credit(&k.id, Micros(1_000), Some("topup-1")).await.unwrap();
-    let pending = match l
-        .authorize(HoldRequest {
-            secret: SecretHash::of(&k.key),
-            amount: Micros(2_000),
-            route: "/r",
-            request_id: "q1",
-            spend_cap: None,
-        })
-        .await
-        .unwrap()
-    {
-        HoldOutcome::Held { hold, .. } => hold,
-        other => panic!("{other:?}"),
+    let hold = |request_id: &'static str| {
+        let l = &l;
+        let secret = SecretHash::of(&k.key);
+        async move {
+            let req = HoldRequest { secret, amount: Micros(2_000), route: "/r", request_id, spend_cap: None };
+            match l.authorize(req).await.unwrap() {
+                HoldOutcome::Held { hold, .. } => hold,
+                other => panic!("{other:?}"),
+            }
+        }
     };
+    let captured = hold("q1").await;
+    assert!(l.capture(captured).await.unwrap());
+    let open_hold = hold("q2").await;
     assert!(l.reserve_nonce("0xAB", "0x01", 4_000_000_000).await.unwrap());
-    let keys = l.list_keys().await.unwrap();
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(47_000));
     let rows = l.transactions(None, 100).await.unwrap();
+    assert_eq!(rows[0].id, open_hold.0);
+    assert_eq!(rows[0].status.as_deref(), Some("pending"));
     drop(l);
     assert_eq!(user_version(&path), SCHEMA_VERSION);
 
+    // The open hold lived in memory: it died with the process, and nothing is held.
     for _ in 0..3 {
         let l = open(&path);
-        assert_eq!(l.list_keys().await.unwrap(), keys);
-        assert_eq!(l.transactions(None, 100).await.unwrap(), rows);
+        let keys = l.list_keys().await.unwrap();
+        assert_eq!((keys.len(), keys[0].balance), (1, Micros(49_000)));
+        assert_eq!(l.transactions(None, 100).await.unwrap(), rows[1..]);
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION, "reopening migrates nothing");
 
     let l = open(&path);
     assert!(!l.credit(&k.id, Micros(1_000), Some("topup-1")).await.unwrap().applied, "idempotent across restarts");
     assert!(!l.reserve_nonce("0xab", "0x01", 4_000_000_000).await.unwrap(), "replay across restarts");
+    assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 0);
+    // New rows are numbered after everything written before the restart.
+    let again = l.credit(&k.id, Micros(1_000), None).await.unwrap();
+    assert_eq!(again.balance, Micros(50_000));
+    let newest = l.transactions(None, 1).await.unwrap();
+    assert!(newest[0].id > rows[0].id && newest[0].kind == TxKind::Credit);
+    drop(l);
+
+    // A database written by a version that kept holds as `pending` rows: the first
+    // start releases them.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(&format!(
+        "UPDATE keys SET balance = balance - 3000 WHERE id = '{id}';
+         INSERT INTO transactions (key_id, kind, amount, route, request_id, status, created_at)
+         VALUES ('{id}', 'debit', 3000, '/r', 'old', 'pending', 0);",
+        id = k.id
+    ))
+    .unwrap();
+    drop(conn);
+    let l = open(&path);
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(47_000));
     assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 1);
-    let released = l.transactions(None, 100).await.unwrap();
-    assert_eq!(released.iter().find(|t| t.id == pending.0).unwrap().status.as_deref(), Some("released"));
-    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(51_000));
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(50_000));
+    let rows = l.transactions(Some(&k.id), 100).await.unwrap();
+    assert_eq!((rows[0].kind, rows[1].status.as_deref()), (TxKind::Refund, Some("released")));
+}
+
+/// `tollgate keys credit` / `revoke` run as another process while the gateway serves:
+/// the gateway's cached balances must follow, and rows the other process writes must
+/// never take an id the gateway handed to an open hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_follows_changes_made_by_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let gateway = open(&path);
+    let k = gateway.create_key(None, Micros(3_000)).await.unwrap();
+    let req = |request_id| HoldRequest {
+        secret: SecretHash::of(&k.key),
+        amount: Micros(2_000),
+        route: "/r",
+        request_id,
+        spend_cap: None,
+    };
+    let HoldOutcome::Held { hold: first, .. } = gateway.authorize(req("a")).await.unwrap() else { panic!() };
+    assert!(matches!(gateway.authorize(req("b")).await.unwrap(), HoldOutcome::Insufficient { .. }));
+
+    // The "CLI": its own connections, its own process as far as SQLite can tell.
+    let cli = open(&path);
+    cli.credit(&k.id, Micros(10_000), Some("topup")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        match gateway.authorize(req("b")).await.unwrap() {
+            HoldOutcome::Held { hold, balance, .. } => {
+                assert_eq!(balance, Micros(9_000));
+                break hold;
+            }
+            HoldOutcome::Insufficient { .. } if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("the credit never showed: {other:?}"),
+        }
+    };
+    // Both open holds capture under the ids they were given, after the CLI's row.
+    assert!(gateway.capture(first).await.unwrap());
+    assert!(gateway.capture(second).await.unwrap());
+    let rows = gateway.transactions(Some(&k.id), 10).await.unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().filter(|t| t.kind == TxKind::Debit).all(|t| t.status.as_deref() == Some("captured")));
+    assert_eq!(cli.key(&k.id).await.unwrap().unwrap().balance, Micros(9_000));
+
+    assert!(cli.revoke(&k.id).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match gateway.authorize(req("c")).await.unwrap() {
+            HoldOutcome::Revoked { .. } => break,
+            HoldOutcome::Held { hold, .. } if tokio::time::Instant::now() < deadline => {
+                gateway.release(hold).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("the revocation never showed: {other:?}"),
+        }
+    }
+    let rows = gateway.transactions(Some(&k.id), 100).await.unwrap();
+    let sum = |kind| rows.iter().filter(|t| t.kind == kind).map(|t| t.amount.get()).sum::<u64>();
+    assert_eq!(sum(TxKind::Credit) - sum(TxKind::Debit) + sum(TxKind::Refund), 9_000);
 }
 
 #[test]
@@ -588,7 +673,7 @@ fn sqlite_crash_child() {
             match i {
                 0..=5 => assert!(l.capture(hold).await.unwrap()),
                 6 | 7 => l.release(hold).await.unwrap(),
-                _ => {} // left pending: the crash interrupts these requests
+                _ => {} // left open: the crash interrupts these requests
             }
         }
         l.credit(&k.id, Micros(500), Some("topup-1")).await.unwrap();
@@ -632,17 +717,16 @@ fn sqlite_survives_kill_9() {
 
 async fn check_after_crash(path: &Path, key_id: &str) {
     let l = open(path);
-    assert_eq!(l.key(key_id).await.unwrap().unwrap().balance, Micros(1_000_000 - 10_000 + 2_000 + 500));
-    let rows = l.transactions(Some(key_id), 100).await.unwrap();
-    let count = |kind| rows.iter().filter(|t| t.kind == kind).count();
-    assert_eq!((count(TxKind::Credit), count(TxKind::Debit), count(TxKind::Refund)), (2, 10, 2));
-    assert!(!l.credit(key_id, Micros(500), Some("topup-1")).await.unwrap().applied);
-    assert!(!l.reserve_nonce("0xab", "0x01", 4_000_000_000).await.unwrap());
-
-    // Startup on a single replica: holds the dead process left open go back.
-    assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 2);
+    // Six captures count; the two holds the dead process left open held nothing
+    // durable, so nothing is held now.
     assert_eq!(l.key(key_id).await.unwrap().unwrap().balance, Micros(1_000_000 - 6_000 + 500));
     let rows = l.transactions(Some(key_id), 100).await.unwrap();
+    let count = |kind| rows.iter().filter(|t| t.kind == kind).count();
+    assert_eq!((count(TxKind::Credit), count(TxKind::Debit), count(TxKind::Refund)), (2, 8, 2));
+    assert!(rows.iter().all(|t| t.status.as_deref() != Some("pending")));
+    assert!(!l.credit(key_id, Micros(500), Some("topup-1")).await.unwrap().applied);
+    assert!(!l.reserve_nonce("0xab", "0x01", 4_000_000_000).await.unwrap());
+    assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 0);
     let sum = |kind| rows.iter().filter(|t| t.kind == kind).map(|t| t.amount.get()).sum::<u64>();
     assert_eq!(sum(TxKind::Credit) - sum(TxKind::Debit) + sum(TxKind::Refund), 1_000_000 - 6_000 + 500);
 }

@@ -12,6 +12,7 @@
 //!
 //! Code outside this folder does not write SQL.
 
+pub mod holds;
 pub mod postgres;
 pub mod sqlite;
 

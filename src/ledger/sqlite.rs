@@ -22,13 +22,25 @@
 //! the error. Correctness does not depend on batching: the single writer serialises all
 //! commands, and each one is atomic.
 //!
+//! # Open holds live in memory
+//!
+//! One process owns the file (the gateway takes a lock), so open holds are kept in a
+//! [`Book`] in memory rather than written as `pending` rows: `authorize` decides on the
+//! calling thread, without a database round trip, and a paid request costs one durable
+//! write (its capture) instead of two. Listings show open holds as `pending` debits, as
+//! before. See [`super::holds`] for how the cached balances stay exact and why a crash
+//! cannot lose or double a charge. Another process changing the file (`tollgate keys
+//! credit` or `revoke` while the gateway runs) is noticed through `PRAGMA data_version`
+//! before the writer's next batch and at least every [`SYNC_EVERY`].
+//!
 //! # Durability
 //!
 //! The database runs in WAL mode.
 //! - **`kill -9`** (process crash): every acknowledged command survives with either
 //!   setting, because a commit is in the WAL file (at least in the OS page cache)
-//!   before the reply is sent. Holds the dead process left pending are released at the
-//!   next start by [`Ledger::release_stale_holds`].
+//!   before the reply is sent. Open holds die with the process: they were never written,
+//!   so nothing is held after a restart (databases written by older versions may still
+//!   have `pending` rows; [`Ledger::release_stale_holds`] releases those).
 //! - **Power loss or OS crash**: with `synchronous=NORMAL` (the default) the WAL is
 //!   fsynced only at checkpoints, so the transactions committed since the last
 //!   checkpoint may be lost (the database stays consistent: it rolls back to an earlier
@@ -44,6 +56,7 @@
 //! SQLite and [`Micros`] (u64) in Rust; values above `i64::MAX` are refused with
 //! [`LedgerError::Overflow`].
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +68,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::holds::{Attempt, Book, OpenHold, ID_BLOCK, ID_LOW_WATER};
 use super::{
     generate_key, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey, Result,
     SecretHash, Settlement, Transaction, TxKind,
@@ -68,6 +82,8 @@ const QUEUE_DEPTH: usize = 4096;
 /// How long a statement waits for a lock held by another connection (another process
 /// opening the same file, or the reader during a checkpoint) before failing closed.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the writer looks for changes other processes made to the file, when idle.
+pub const SYNC_EVERY: Duration = Duration::from_millis(500);
 
 /// Schema version a database has once every migration is applied.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -162,6 +178,7 @@ pub struct SqliteLedger {
     reader: Worker,
     _checkpointer: Checkpointer,
     commits: Arc<AtomicU64>,
+    book: Book,
 }
 
 impl std::fmt::Debug for SqliteLedger {
@@ -189,13 +206,18 @@ impl SqliteLedger {
         reader_conn.execute_batch("PRAGMA query_only = ON;")?;
 
         let commits = Arc::new(AtomicU64::new(0));
+        let book = Book::default();
         let writer = Worker::spawn("tollgate-ledger-writer", {
-            let commits = commits.clone();
-            move |queue| write_loop(&conn, queue, &commits)
+            let (commits, book) = (commits.clone(), book.clone());
+            move |queue| write_loop(&conn, &book, queue, &commits)
         })?;
-        let reader = Worker::spawn("tollgate-ledger-reader", move |queue| read_loop(&reader_conn, queue))?;
-        let checkpointer = Checkpointer::spawn(connect(path, opts.busy_timeout)?)?;
-        Ok(SqliteLedger { writer, reader, _checkpointer: checkpointer, commits })
+        let reader = Worker::spawn("tollgate-ledger-reader", {
+            let book = book.clone();
+            move |queue| read_loop(&reader_conn, &book, queue)
+        })?;
+        let nudge = writer.queue.as_ref().map(mpsc::Sender::downgrade);
+        let checkpointer = Checkpointer::spawn(connect(path, opts.busy_timeout)?, nudge)?;
+        Ok(SqliteLedger { writer, reader, _checkpointer: checkpointer, commits, book })
     }
 
     /// Number of write transactions committed so far. Each may carry up to
@@ -207,7 +229,7 @@ impl SqliteLedger {
     async fn write<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T> + Send + 'static,
     {
         self.writer.call(work).await
     }
@@ -215,9 +237,114 @@ impl SqliteLedger {
     async fn read<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T> + Send + 'static,
     {
         self.reader.call(work).await
+    }
+
+    /// Caches the key with this secret (a read on the writer, so it is ordered with
+    /// every balance change). False when there is no such key.
+    async fn load(&self, secret: SecretHash) -> Result<bool> {
+        self.write(move |tx| match key_by_secret(tx, &secret)? {
+            Some((key_id, revoked, balance)) => {
+                tx.book.load(secret, &key_id, revoked, balance);
+                Ok(true)
+            }
+            None => Ok(false),
+        })
+        .await
+    }
+
+    async fn stored_transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let key = key.map(str::to_owned);
+        self.read(move |conn| {
+            let rows = match &key {
+                Some(key) => {
+                    let sql =
+                        format!("SELECT {TX_COLUMNS} FROM transactions WHERE key_id = ?1 ORDER BY id DESC LIMIT ?2");
+                    conn.prepare_cached(&sql)?
+                        .query_map(params![key, limit], transaction)?
+                        .collect::<rusqlite::Result<_>>()?
+                }
+                None => {
+                    let sql = format!("SELECT {TX_COLUMNS} FROM transactions ORDER BY id DESC LIMIT ?1");
+                    conn.prepare_cached(&sql)?.query_map([limit], transaction)?.collect::<rusqlite::Result<_>>()?
+                }
+            };
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// The spend-cap path: the spending in the window is a query, so the whole check
+    /// runs on the writer, ordered with every capture.
+    async fn authorize_capped(
+        &self,
+        secret: SecretHash,
+        requested: Micros,
+        route: &str,
+        request_id: &str,
+        (cap, window): (Micros, Duration),
+    ) -> Result<HoldOutcome> {
+        let window = seconds(window);
+        let (route, request_id) = (route.to_owned(), request_id.to_owned());
+        self.write(move |tx| {
+            let now = now();
+            let (key_id, revoked) = match tx.book.available(&secret) {
+                Some((key_id, revoked, _)) => (key_id, revoked),
+                None => match key_by_secret(tx, &secret)? {
+                    None => return Ok(HoldOutcome::UnknownKey),
+                    Some((key_id, revoked, balance)) => {
+                        tx.book.load(secret, &key_id, revoked, balance);
+                        (key_id, revoked)
+                    }
+                },
+            };
+            if revoked {
+                return Ok(HoldOutcome::Revoked { key_id });
+            }
+            let captured: u64 = tx
+                .prepare_cached(
+                    "SELECT coalesce(sum(amount), 0) FROM transactions
+                     WHERE key_id = ?1 AND created_at >= ?2
+                       AND kind = 'debit' AND status IN ('pending', 'captured')",
+                )?
+                .query_row(params![key_id, now.saturating_sub(window)], |r| r.get(0))?;
+            // Open holds are spending too; they are in the book, not in the table.
+            let spent = Micros(captured).checked_add(tx.book.held(&key_id)).ok_or(LedgerError::Overflow)?;
+            if spent.checked_add(requested).is_none_or(|total| total > cap) {
+                return Ok(HoldOutcome::SpendCapReached { key_id, spent, cap });
+            }
+            match tx.book.try_hold(&secret, requested, &route, &request_id, now) {
+                Attempt::Decided(outcome) => Ok(outcome),
+                Attempt::Miss => Ok(HoldOutcome::UnknownKey),
+                Attempt::NoIds => Err(LedgerError::Unavailable("no transaction ids left; retry".into())),
+            }
+        })
+        .await
+    }
+}
+
+/// A key as the admin reads show it: its balance less what its open holds keep aside.
+fn less_held(mut key: KeyInfo, held: &HashMap<String, Micros>) -> KeyInfo {
+    if let Some(h) = held.get(&key.id) {
+        key.balance = key.balance.checked_sub(*h).unwrap_or(Micros::ZERO);
+    }
+    key
+}
+
+/// What a command runs against: the connection (through `Deref`) and the open holds.
+pub struct Tx<'a> {
+    conn: &'a Connection,
+    book: &'a Book,
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
     }
 }
 
@@ -283,7 +410,7 @@ impl From<rusqlite::Error> for LedgerError {
 /// One unit of work for a connection thread, with its reply channel.
 trait Command: Send {
     /// Runs the work; the returned reply is sent once the outcome is committed.
-    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Reply>;
+    fn run(self: Box<Self>, tx: &Tx<'_>) -> Box<dyn Reply>;
     /// Answers without running (the transaction could not start).
     fn abort(self: Box<Self>, err: LedgerError);
 }
@@ -303,11 +430,11 @@ struct Call<T, F> {
 impl<T, F> Command for Call<T, F>
 where
     T: Send + 'static,
-    F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    F: FnOnce(&Tx<'_>) -> Result<T> + Send + 'static,
 {
-    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Reply> {
+    fn run(self: Box<Self>, tx: &Tx<'_>) -> Box<dyn Reply> {
         let Call { work, reply } = *self;
-        Box::new(Ran { result: work(conn), reply })
+        Box::new(Ran { result: work(tx), reply })
     }
 
     fn abort(self: Box<Self>, err: LedgerError) {
@@ -369,7 +496,7 @@ impl Worker {
     async fn call<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T> + Send + 'static,
     {
         let queue = self.queue.as_ref().ok_or_else(stopped)?;
         let (reply, answer) = oneshot::channel();
@@ -390,16 +517,17 @@ impl Drop for Worker {
 }
 
 /// Copies the WAL back into the database file in the background (`PASSIVE`: it never
-/// blocks the writer), every [`CHECKPOINT_EVERY`]. Stops and joins when dropped.
+/// blocks the writer), every [`CHECKPOINT_EVERY`], and nudges an idle writer so it
+/// looks for changes made by other processes. Stops and joins when dropped.
 struct Checkpointer {
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+const CHECKPOINT_EVERY: Duration = SYNC_EVERY;
 
 impl Checkpointer {
-    fn spawn(conn: Connection) -> Result<Checkpointer> {
+    fn spawn(conn: Connection, writer: Option<mpsc::WeakSender<Box<dyn Command>>>) -> Result<Checkpointer> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("tollgate-ledger-checkpoint".into())
@@ -407,6 +535,12 @@ impl Checkpointer {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
                     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                         tracing::warn!(error = %e, "ledger WAL checkpoint failed; will retry");
+                    }
+                    // An empty command: the writer syncs before every batch. A weak
+                    // sender, so this thread never keeps the writer alive.
+                    if let Some(queue) = writer.as_ref().and_then(mpsc::WeakSender::upgrade) {
+                        let (reply, _) = oneshot::channel::<Result<()>>();
+                        let _ = queue.try_send(Box::new(Call { work: |_: &Tx<'_>| Ok(()), reply }));
                     }
                 }
             })
@@ -424,8 +558,10 @@ impl Drop for Checkpointer {
     }
 }
 
-fn write_loop(conn: &Connection, mut queue: Queue, commits: &AtomicU64) {
+fn write_loop(conn: &Connection, book: &Book, mut queue: Queue, commits: &AtomicU64) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // `None` forces a refresh of every cached key before the next batch.
+    let mut seen: Option<i64> = None;
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -434,14 +570,81 @@ fn write_loop(conn: &Connection, mut queue: Queue, commits: &AtomicU64) {
                 Err(_) => break,
             }
         }
-        run_batch(conn, &mut batch, commits);
+        seen = sync(conn, book, seen);
+        if book.ids_left() < ID_LOW_WATER {
+            match reserve_ids(conn) {
+                Ok(block) => book.add_ids(block),
+                Err(e) => tracing::warn!(error = %e, "cannot reserve transaction ids; will retry"),
+            }
+        }
+        if !run_batch(conn, book, &mut batch, commits) {
+            // Some book changes may belong to writes that were rolled back.
+            seen = None;
+        }
     }
 }
 
-fn read_loop(conn: &Connection, mut queue: Queue) {
+/// Refreshes the cached keys when another connection committed since `seen` (the
+/// connection's `data_version`), or always when `seen` is `None`. Returns the version
+/// now seen (`None` again if the refresh failed).
+fn sync(conn: &Connection, book: &Book, seen: Option<i64>) -> Option<i64> {
+    let version = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)).ok()?;
+    if seen == Some(version) {
+        return seen;
+    }
+    let refresh = || -> rusqlite::Result<()> {
+        let mut stmt = conn.prepare_cached("SELECT balance, revoked FROM keys WHERE id = ?1")?;
+        for key_id in book.cached_keys() {
+            if let Some((balance, revoked)) =
+                stmt.query_row([&key_id], |r| Ok((Micros(r.get(0)?), r.get(1)?))).optional()?
+            {
+                book.set(&key_id, balance, revoked);
+            }
+        }
+        Ok(())
+    };
+    match refresh() {
+        Ok(()) => Some(version),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot refresh cached balances; will retry");
+            None
+        }
+    }
+}
+
+/// Reserves the next [`ID_BLOCK`] transaction ids in `sqlite_sequence`, in a
+/// transaction of its own, committed before any of them is handed out: rows that
+/// SQLite numbers itself (another process's) then come after the block.
+fn reserve_ids(conn: &Connection) -> rusqlite::Result<std::ops::Range<i64>> {
+    control(conn, "BEGIN IMMEDIATE")?;
+    let reserve = || -> rusqlite::Result<std::ops::Range<i64>> {
+        let top: i64 = conn.query_row(
+            "SELECT max(coalesce((SELECT max(id) FROM transactions), 0),
+                        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'transactions'), 0))",
+            [],
+            |r| r.get(0),
+        )?;
+        let end = top + 1 + ID_BLOCK;
+        conn.execute("DELETE FROM sqlite_sequence WHERE name = 'transactions'", [])?;
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('transactions', ?1)", [end - 1])?;
+        Ok(top + 1..end)
+    };
+    match reserve().and_then(|block| control(conn, "COMMIT").map(|()| block)) {
+        Ok(block) => Ok(block),
+        Err(e) => {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn read_loop(conn: &Connection, book: &Book, mut queue: Queue) {
+    let tx = Tx { conn, book };
     while let Some(command) = queue.blocking_recv() {
         // A panicking command drops its reply channel: its caller gets `Unavailable`.
-        if let Ok(reply) = catch_unwind(AssertUnwindSafe(|| command.run(conn))) {
+        if let Ok(reply) = catch_unwind(AssertUnwindSafe(|| command.run(&tx))) {
             reply.send(None);
         }
     }
@@ -454,9 +657,12 @@ fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 /// Runs `batch` (draining it) in one write transaction, each command in a savepoint.
-fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Command>>, commits: &AtomicU64) {
+/// Returns false when some write was rolled back (a failed command or transaction).
+fn run_batch(conn: &Connection, book: &Book, batch: &mut Vec<Box<dyn Command>>, commits: &AtomicU64) -> bool {
+    let tx = Tx { conn, book };
     let mut ran: Vec<Box<dyn Reply>> = Vec::with_capacity(batch.len());
     let mut open = false;
+    let mut clean = true;
     for command in batch.drain(..) {
         if !open {
             if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
@@ -468,8 +674,11 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Command>>, commits: &Ato
         if let Err(e) = control(conn, "SAVEPOINT command") {
             command.abort(e.into());
         } else {
-            let outcome = catch_unwind(AssertUnwindSafe(|| command.run(conn)));
+            let outcome = catch_unwind(AssertUnwindSafe(|| command.run(&tx)));
             let keep = matches!(&outcome, Ok(reply) if !reply.failed());
+            // Commands change the book only once their SQL succeeded, so a command
+            // rolled back to its savepoint left none; a panic might have.
+            clean &= outcome.is_ok();
             let ended = if keep {
                 control(conn, "RELEASE command")
             } else {
@@ -495,9 +704,10 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Command>>, commits: &Ato
             reply.send(Some(&lost));
         }
         open = false;
+        clean = false;
     }
     if !open {
-        return;
+        return clean;
     }
     match control(conn, "COMMIT") {
         Ok(()) => {
@@ -505,6 +715,7 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Command>>, commits: &Ato
             for reply in ran {
                 reply.send(None);
             }
+            clean
         }
         Err(e) => {
             if !conn.is_autocommit() {
@@ -514,6 +725,7 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Command>>, commits: &Ato
             for reply in ran {
                 reply.send(Some(&lost));
             }
+            false
         }
     }
 }
@@ -558,10 +770,11 @@ fn no_hold(hold: HoldId) -> LedgerError {
     LedgerError::Other(format!("no hold with id {}", hold.0))
 }
 
-/// Releases `hold` if it is still pending: the amount goes back to the balance and a
-/// `refund` row records it. Returns whether it was pending.
-fn release_pending(conn: &Connection, hold: i64, now: i64) -> Result<bool> {
-    let row = conn
+/// Releases `hold` if it is a `pending` row (written by an older version, which kept
+/// holds in the database): the amount goes back to the balance and a `refund` row
+/// records it. Returns whether it was pending.
+fn release_pending(tx: &Tx<'_>, hold: i64, now: i64) -> Result<bool> {
+    let row = tx
         .prepare_cached(
             "UPDATE transactions SET status = 'released'
              WHERE id = ?1 AND kind = 'debit' AND status = 'pending'
@@ -579,22 +792,83 @@ fn release_pending(conn: &Connection, hold: i64, now: i64) -> Result<bool> {
     let Some((key_id, amount, route, request_id)) = row else {
         return Ok(false);
     };
-    conn.prepare_cached("UPDATE keys SET balance = balance + ?2 WHERE id = ?1")?.execute(params![key_id, amount])?;
-    conn.prepare_cached(
-        "INSERT INTO transactions (key_id, kind, amount, route, request_id, created_at)
-         VALUES (?1, 'refund', ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![key_id, amount, route, request_id, now])?;
+    tx.prepare_cached("UPDATE keys SET balance = balance + ?2 WHERE id = ?1")?.execute(params![key_id, amount])?;
+    insert_refund(tx, &key_id, amount, route.as_deref(), request_id.as_deref(), now)?;
     Ok(true)
 }
 
-fn insert_credit(conn: &Connection, key_id: &str, amount: i64, idem: Option<&str>, now: i64) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO transactions (key_id, kind, amount, idempotency_key, created_at)
-         VALUES (?1, 'credit', ?2, ?3, ?4)",
+fn insert_credit(tx: &Tx<'_>, key_id: &str, amount: i64, idem: Option<&str>, now: i64) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO transactions (id, key_id, kind, amount, idempotency_key, created_at)
+         VALUES (?1, ?2, 'credit', ?3, ?4, ?5)",
     )?
-    .execute(params![key_id, amount, idem, now])?;
+    .execute(params![tx.book.next_id(), key_id, amount, idem, now])?;
     Ok(())
+}
+
+/// Writes a refund row (numbered after every open hold, like any new row).
+fn insert_refund(
+    tx: &Tx<'_>,
+    key_id: &str,
+    amount: i64,
+    route: Option<&str>,
+    request_id: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, created_at)
+         VALUES (?1, ?2, 'refund', ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![tx.book.next_id(), key_id, amount, route, request_id, now])?;
+    Ok(())
+}
+
+/// Captures an open hold: the conditional debit (the database has the last word on
+/// the balance) and its `captured` row, numbered as the hold was. Returns the balance.
+fn capture_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold) -> Result<Micros> {
+    let amount = to_db(h.amount)?;
+    let balance = tx
+        .prepare_cached("UPDATE keys SET balance = balance - ?2 WHERE id = ?1 AND balance >= ?2 RETURNING balance")?
+        .query_row(params![&*h.key_id, amount], |r| Ok(Micros(r.get(0)?)))
+        .optional()?
+        .ok_or_else(|| {
+            LedgerError::Other(format!("the balance of key {} no longer covers hold {}", h.key_id, hold.0))
+        })?;
+    tx.prepare_cached(
+        "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status, created_at)
+         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, 'captured', ?6)",
+    )?
+    .execute(params![hold.0, &*h.key_id, amount, &*h.route, &*h.request_id, h.created_at])?;
+    Ok(balance)
+}
+
+/// Releases an open hold: nothing was debited, so it leaves a `released` debit and
+/// its `refund`, which cancel out.
+fn release_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, now: i64) -> Result<()> {
+    let amount = to_db(h.amount)?;
+    tx.prepare_cached(
+        "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status, created_at)
+         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, 'released', ?6)",
+    )?
+    .execute(params![hold.0, &*h.key_id, amount, &*h.route, &*h.request_id, h.created_at])?;
+    insert_refund(tx, &h.key_id, amount, Some(&h.route), Some(&h.request_id), now)
+}
+
+/// Closes an open hold on the writer with `write`; the book forgets it once written
+/// (or, for a capture that failed, too: its caller withholds the response).
+fn close_open<T>(
+    tx: &Tx<'_>,
+    hold: HoldId,
+    write: impl FnOnce(&OpenHold) -> Result<T>,
+    keep_on_error: bool,
+) -> Option<Result<T>> {
+    let h = tx.book.begin_close(hold)?;
+    let result = write(&h);
+    match &result {
+        Err(_) if keep_on_error => tx.book.reopen(hold),
+        _ => {}
+    }
+    Some(result)
 }
 
 fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
@@ -664,29 +938,43 @@ impl Ledger for SqliteLedger {
         Ok(NewKey { id, key: secret, balance })
     }
 
+    // The open holds are read before the database: a capture committing in between
+    // is then subtracted twice, never not at all, so a balance shown errs low.
     async fn key(&self, id: &str) -> Result<Option<KeyInfo>> {
+        let held = self.book.holding();
         let id = id.to_owned();
-        self.read(move |conn| {
-            let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
-            Ok(conn.prepare_cached(&sql)?.query_row([&id], key_info).optional()?)
-        })
-        .await
+        let key = self
+            .read(move |conn| {
+                let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
+                Ok(conn.prepare_cached(&sql)?.query_row([&id], key_info).optional()?)
+            })
+            .await?;
+        Ok(key.map(|k| less_held(k, &held)))
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
-        self.read(|conn| {
-            let sql = format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY rowid");
-            let keys = conn.prepare_cached(&sql)?.query_map([], key_info)?.collect::<rusqlite::Result<_>>()?;
-            Ok(keys)
-        })
-        .await
+        let held = self.book.holding();
+        let keys: Vec<KeyInfo> = self
+            .read(|conn| {
+                let sql = format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY rowid");
+                let keys = conn.prepare_cached(&sql)?.query_map([], key_info)?.collect::<rusqlite::Result<_>>()?;
+                Ok(keys)
+            })
+            .await?;
+        Ok(keys.into_iter().map(|k| less_held(k, &held)).collect())
     }
 
     async fn revoke(&self, id: &str) -> Result<bool> {
         let id = id.to_owned();
-        self.write(move |conn| {
-            let n = conn.prepare_cached("UPDATE keys SET revoked = 1 WHERE id = ?1")?.execute([&id])?;
-            Ok(n > 0)
+        self.write(move |tx| {
+            let balance = tx
+                .prepare_cached("UPDATE keys SET revoked = 1 WHERE id = ?1 RETURNING balance")?
+                .query_row([&id], |r| Ok(Micros(r.get(0)?)))
+                .optional()?;
+            if let Some(balance) = balance {
+                tx.book.set(&id, balance, true);
+            }
+            Ok(balance.is_some())
         })
         .await
     }
@@ -699,11 +987,11 @@ impl Ledger for SqliteLedger {
         let id = id.to_owned();
         let idem = idempotency_key.map(str::to_owned);
         self.write(move |conn| {
-            let balance: Option<u64> = conn
-                .prepare_cached("SELECT balance FROM keys WHERE id = ?1")?
-                .query_row([&id], |r| r.get(0))
+            let key: Option<(u64, bool)> = conn
+                .prepare_cached("SELECT balance, revoked FROM keys WHERE id = ?1")?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            let Some(balance) = balance else {
+            let Some((balance, revoked)) = key else {
                 return Err(LedgerError::NoSuchKey(id));
             };
             if let Some(idem) = &idem {
@@ -718,6 +1006,7 @@ impl Ledger for SqliteLedger {
                 balance.checked_add(amount.get()).filter(|b| i64::try_from(*b).is_ok()).ok_or(LedgerError::Overflow)?;
             conn.prepare_cached("UPDATE keys SET balance = balance + ?2 WHERE id = ?1")?.execute(params![id, delta])?;
             insert_credit(conn, &id, delta, idem.as_deref(), now())?;
+            conn.book.set(&id, Micros(new_balance), revoked);
             Ok(CreditOutcome { balance: Micros(new_balance), applied: true })
         })
         .await
@@ -726,72 +1015,51 @@ impl Ledger for SqliteLedger {
     /// Outcomes are checked in this order: unknown key, revoked, spend cap, balance.
     /// The spend cap counts debits taken in the window that are pending or captured: a
     /// released hold is not spending (its refund cancels it).
+    ///
+    /// Without a spend cap this decides on the calling thread from the [`Book`]; the
+    /// writer is asked only to load a key not cached yet, or to reserve more ids.
     async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome> {
-        let amount = to_db(req.amount)?;
-        if amount == 0 {
+        if to_db(req.amount)? == 0 {
             return Err(LedgerError::Other("a hold must be for a positive amount (free routes take no hold)".into()));
         }
-        let HoldRequest { secret, amount: requested, spend_cap, .. } = req;
-        let cap = spend_cap.map(|(cap, window)| (cap, seconds(window)));
-        let route = req.route.to_owned();
-        let request_id = req.request_id.to_owned();
-        self.write(move |conn| {
-            let now = now();
-            if let Some((cap, window)) = cap {
-                let Some((key_id, revoked, _)) = key_by_secret(conn, &secret)? else {
-                    return Ok(HoldOutcome::UnknownKey);
-                };
-                if revoked {
-                    return Ok(HoldOutcome::Revoked { key_id });
+        let HoldRequest { secret, amount, route, request_id, spend_cap } = req;
+        if let Some(cap) = spend_cap {
+            return self.authorize_capped(secret, amount, route, request_id, cap).await;
+        }
+        let mut loaded = false;
+        for _ in 0..4 {
+            match self.book.try_hold(&secret, amount, route, request_id, now()) {
+                Attempt::Decided(outcome) => return Ok(outcome),
+                Attempt::Miss if loaded => return Ok(HoldOutcome::UnknownKey),
+                Attempt::Miss => {
+                    if !self.load(secret).await? {
+                        return Ok(HoldOutcome::UnknownKey);
+                    }
+                    loaded = true;
                 }
-                let spent: u64 = conn
-                    .prepare_cached(
-                        "SELECT coalesce(sum(amount), 0) FROM transactions
-                         WHERE key_id = ?1 AND created_at >= ?2
-                           AND kind = 'debit' AND status IN ('pending', 'captured')",
-                    )?
-                    .query_row(params![key_id, now.saturating_sub(window)], |r| r.get(0))?;
-                let spent = Micros(spent);
-                if spent.checked_add(requested).is_none_or(|total| total > cap) {
-                    return Ok(HoldOutcome::SpendCapReached { key_id, spent, cap });
-                }
+                // The writer reserves ids before each batch: an empty command is enough.
+                Attempt::NoIds => self.write(|_| Ok(())).await?,
             }
-            // The atomic conditional debit: the balance never goes below zero.
-            let held = conn
-                .prepare_cached(
-                    "UPDATE keys SET balance = balance - ?1
-                     WHERE secret_hash = ?2 AND revoked = 0 AND balance >= ?1
-                     RETURNING id, balance",
-                )?
-                .query_row(params![amount, &secret.0[..]], |r| Ok((r.get::<_, String>(0)?, Micros(r.get(1)?))))
-                .optional()?;
-            let Some((key_id, balance)) = held else {
-                return Ok(match key_by_secret(conn, &secret)? {
-                    None => HoldOutcome::UnknownKey,
-                    Some((key_id, true, _)) => HoldOutcome::Revoked { key_id },
-                    Some((key_id, false, balance)) => HoldOutcome::Insufficient { key_id, balance },
-                });
-            };
-            conn.prepare_cached(
-                "INSERT INTO transactions (key_id, kind, amount, route, request_id, status, created_at)
-                 VALUES (?1, 'debit', ?2, ?3, ?4, 'pending', ?5)",
-            )?
-            .execute(params![key_id, amount, route, request_id, now])?;
-            Ok(HoldOutcome::Held { hold: HoldId(conn.last_insert_rowid()), key_id, balance })
-        })
-        .await
+        }
+        Err(LedgerError::Unavailable("the SQLite ledger could not reserve transaction ids; retry".into()))
     }
 
     async fn capture(&self, hold: HoldId) -> Result<bool> {
-        self.write(move |conn| {
-            let n = conn
+        self.write(move |tx| {
+            if let Some(captured) = close_open(tx, hold, |h| capture_open(tx, hold, h), false) {
+                let balance = captured?;
+                tx.book.close(hold, Some(balance));
+                return Ok(true);
+            }
+            // Not open: a `pending` row of an older version, or already closed.
+            let n = tx
                 .prepare_cached("UPDATE transactions SET status = 'captured' WHERE id = ?1 AND kind = 'debit' AND status = 'pending'")?
                 .execute([hold.0])?;
             if n == 1 {
                 return Ok(true);
             }
             // Already captured (idempotent) or already released (too late to charge).
-            match debit_status(conn, hold)? {
+            match debit_status(tx, hold)? {
                 Some(status) => Ok(status == "captured"),
                 None => Err(no_hold(hold)),
             }
@@ -800,9 +1068,14 @@ impl Ledger for SqliteLedger {
     }
 
     async fn release(&self, hold: HoldId) -> Result<()> {
-        self.write(move |conn| {
+        self.write(move |tx| {
+            if let Some(released) = close_open(tx, hold, |h| release_open(tx, hold, h, now()), true) {
+                released?;
+                tx.book.close(hold, None);
+                return Ok(());
+            }
             // Already released or captured: nothing to do (idempotent).
-            if !release_pending(conn, hold.0, now())? && !is_debit(conn, hold)? {
+            if !release_pending(tx, hold.0, now())? && !is_debit(tx, hold)? {
                 return Err(no_hold(hold));
             }
             Ok(())
@@ -810,14 +1083,16 @@ impl Ledger for SqliteLedger {
         .await
     }
 
+    /// Open holds older than `older_than` (requests still running long past their
+    /// upstream timeout), and any `pending` row an older version left behind.
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64> {
         let age = seconds(older_than);
-        self.write(move |conn| {
+        self.write(move |tx| {
             let now = now();
             // Zero means every pending hold, even one stamped in the future by a clock
             // that has since stepped back.
             let cutoff = if age == 0 { i64::MAX } else { now.saturating_sub(age) };
-            let stale = conn
+            let stale = tx
                 .prepare_cached(
                     "SELECT id FROM transactions
                      WHERE kind = 'debit' AND status = 'pending' AND created_at <= ?1",
@@ -826,7 +1101,14 @@ impl Ledger for SqliteLedger {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut released = 0;
             for hold in stale {
-                if release_pending(conn, hold, now)? {
+                if release_pending(tx, hold, now)? {
+                    released += 1;
+                }
+            }
+            for hold in tx.book.taken_before(cutoff) {
+                if let Some(done) = close_open(tx, hold, |h| release_open(tx, hold, h, now), true) {
+                    done?;
+                    tx.book.close(hold, None);
                     released += 1;
                 }
             }
@@ -835,26 +1117,16 @@ impl Ledger for SqliteLedger {
         .await
     }
 
+    /// Open holds are listed as `pending` debits among the rows (read first: a hold
+    /// captured in between shows once, as its row).
     async fn transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let key = key.map(str::to_owned);
-        self.read(move |conn| {
-            let rows = match &key {
-                Some(key) => {
-                    let sql =
-                        format!("SELECT {TX_COLUMNS} FROM transactions WHERE key_id = ?1 ORDER BY id DESC LIMIT ?2");
-                    conn.prepare_cached(&sql)?
-                        .query_map(params![key, limit], transaction)?
-                        .collect::<rusqlite::Result<_>>()?
-                }
-                None => {
-                    let sql = format!("SELECT {TX_COLUMNS} FROM transactions ORDER BY id DESC LIMIT ?1");
-                    conn.prepare_cached(&sql)?.query_map([limit], transaction)?.collect::<rusqlite::Result<_>>()?
-                }
-            };
-            Ok(rows)
-        })
-        .await
+        let pending = self.book.pending(key);
+        let mut rows = self.stored_transactions(key, limit).await?;
+        let stored: std::collections::HashSet<i64> = rows.iter().map(|t| t.id).collect();
+        rows.extend(pending.into_iter().filter(|t| !stored.contains(&t.id)));
+        rows.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
+        rows.truncate(limit);
+        Ok(rows)
     }
 
     async fn reserve_nonce(&self, payer: &str, nonce: &str, valid_before: u64) -> Result<bool> {
@@ -953,7 +1225,7 @@ mod tests {
         conn
     }
 
-    fn insert(x: i64) -> impl FnOnce(&Connection) -> Result<()> + Send + 'static {
+    fn insert(x: i64) -> impl FnOnce(&Tx<'_>) -> Result<()> + Send + 'static {
         move |conn| {
             conn.execute("INSERT INTO t (x) VALUES (?1)", [x])?;
             Ok(())
@@ -963,7 +1235,7 @@ mod tests {
     fn command<T, F>(work: F) -> (Box<dyn Command>, oneshot::Receiver<Result<T>>)
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         (Box::new(Call { work, reply }), answer)
@@ -980,13 +1252,13 @@ mod tests {
         let commits = AtomicU64::new(0);
         let (a, mut a_answer) = command(insert(1));
         // Writes, then fails: its own write must be undone.
-        let (b, mut b_answer) = command(|conn: &Connection| -> Result<()> {
+        let (b, mut b_answer) = command(|conn: &Tx<'_>| -> Result<()> {
             conn.execute("INSERT INTO t (x) VALUES (2)", [])?;
             conn.execute("INSERT INTO t (x) VALUES (-1)", [])?;
             Ok(())
         });
         let (c, mut c_answer) = command(insert(3));
-        run_batch(&conn, &mut vec![a, b, c], &commits);
+        run_batch(&conn, &Book::default(), &mut vec![a, b, c], &commits);
 
         assert_eq!(commits.load(Ordering::Relaxed), 1);
         assert!(a_answer.try_recv().unwrap().is_ok());
@@ -1001,12 +1273,12 @@ mod tests {
         let conn = scratch();
         let commits = AtomicU64::new(0);
         let (a, mut a_answer) = command(insert(1));
-        let (b, b_answer) = command(|conn: &Connection| -> Result<()> {
+        let (b, b_answer) = command(|conn: &Tx<'_>| -> Result<()> {
             conn.execute("INSERT INTO t (x) VALUES (2)", [])?;
             panic!("a bug in one command");
         });
         let (c, mut c_answer) = command(insert(3));
-        run_batch(&conn, &mut vec![a, b, c], &commits);
+        run_batch(&conn, &Book::default(), &mut vec![a, b, c], &commits);
 
         assert!(a_answer.try_recv().unwrap().is_ok());
         assert!(c_answer.try_recv().unwrap().is_ok());
@@ -1028,11 +1300,11 @@ mod tests {
         let commits = AtomicU64::new(0);
         let (a, mut a_answer) = command(insert(1));
         // A deferred foreign key violation only shows at COMMIT.
-        let (b, mut b_answer) = command(|conn: &Connection| -> Result<()> {
+        let (b, mut b_answer) = command(|conn: &Tx<'_>| -> Result<()> {
             conn.execute("INSERT INTO child (p) VALUES (42)", [])?;
             Ok(())
         });
-        run_batch(&conn, &mut vec![a, b], &commits);
+        run_batch(&conn, &Book::default(), &mut vec![a, b], &commits);
 
         assert_eq!(commits.load(Ordering::Relaxed), 0);
         assert!(a_answer.try_recv().unwrap().is_err());
