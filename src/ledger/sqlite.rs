@@ -563,6 +563,10 @@ fn write_loop(conn: &Connection, book: &Book, mut queue: Queue, commits: &Atomic
     // `None` forces a refresh of every cached key before the next batch.
     let mut seen: Option<i64> = None;
     while let Some(first) = queue.blocking_recv() {
+        // Woken by the first command: let the threads that are queueing more (on the
+        // same core, the gateway finishing its event-loop turn) run first, so they
+        // join this batch. With a core of its own the writer is back at once.
+        std::thread::yield_now();
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
