@@ -340,6 +340,60 @@ async fn concurrent_sweeps_never_double_refund() {
     }
 }
 
+/// Captures issued at once share statements (one batch per round trip); each caller
+/// still gets its own answer: captured, too late (released meanwhile), or no such hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_captures_are_batched_and_answered_one_by_one() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let l = ledger(&url).await;
+    let k = l.create_key(None, Micros(300 * PRICE)).await.unwrap();
+    let mut holds = Vec::new();
+    for i in 0..200 {
+        let request_id = format!("batch-{i}");
+        let req = HoldRequest {
+            secret: SecretHash::of(&k.key),
+            amount: Micros(PRICE),
+            route: "/v1/chat",
+            request_id: &request_id,
+            spend_cap: None,
+        };
+        let HoldOutcome::Held { hold, .. } = l.authorize(req).await.unwrap() else { panic!() };
+        holds.push(hold);
+    }
+    // Every tenth hold is released first: capturing it must say "too late".
+    for hold in holds.iter().step_by(10) {
+        l.release(*hold).await.unwrap();
+    }
+    let bogus = tollgate::ledger::HoldId(i64::MAX);
+    let mut tasks: Vec<_> = holds
+        .iter()
+        .chain([bogus].iter())
+        .map(|&hold| {
+            let l = l.clone();
+            tokio::spawn(async move { (hold, l.capture(hold).await) })
+        })
+        .collect();
+    // The same hold captured twice at once is captured once.
+    let twice = holds[1];
+    tasks.push(tokio::spawn({
+        let l = l.clone();
+        async move { (twice, l.capture(twice).await) }
+    }));
+    for task in tasks {
+        let (hold, answer) = task.await.unwrap();
+        match holds.iter().position(|h| *h == hold) {
+            Some(i) if i % 10 == 0 => assert!(!answer.unwrap(), "released hold {i} was captured"),
+            Some(i) => assert!(answer.unwrap(), "hold {i} was not captured"),
+            None => assert!(matches!(answer, Err(LedgerError::Other(_))), "{answer:?}"),
+        }
+    }
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(300 * PRICE - 180 * PRICE));
+    let rows = l.transactions(Some(&k.id), 1000).await.unwrap();
+    let captured = rows.iter().filter(|t| t.status.as_deref() == Some("captured")).count();
+    assert_eq!(captured, 180);
+}
+
 // === faults ===
 
 /// The database stops: paid requests fail closed with 503 and `/readyz` fails; it

@@ -29,7 +29,7 @@ pub const KEY_PREFIX: &str = "tg_live_";
 /// Prefix of public key ids.
 pub const KEY_ID_PREFIX: &str = "key_";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
     /// The store could not be reached or did not answer in time: fail closed.
     #[error("ledger unavailable: {0}")]

@@ -60,14 +60,16 @@
 //! [`LedgerError::Overflow`]. Use a database of its own for tollgate: the table names
 //! (`keys`, `transactions`, …) are plain.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 use tokio_postgres::{Client, Config as PgConfig, NoTls};
 
 use super::{
@@ -179,7 +181,12 @@ pub struct PostgresLedger {
     op_timeout: Duration,
     /// `host:port/dbname`, for messages (never the password).
     target: String,
+    /// The capture batcher's queue (`None` in the batcher's own handle).
+    captures: Option<mpsc::Sender<(HoldId, oneshot::Sender<Result<bool>>)>>,
 }
+
+/// Most captures one statement carries.
+pub const MAX_CAPTURE_BATCH: usize = 512;
 
 impl std::fmt::Debug for PostgresLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,9 +230,54 @@ impl PostgresLedger {
             .recycle_timeout(Some(op_timeout))
             .build()
             .map_err(|e| LedgerError::Other(format!("cannot build the PostgreSQL pool: {e}")))?;
-        let ledger = PostgresLedger { pool, op_timeout, target };
+        let mut ledger = PostgresLedger { pool, op_timeout, target, captures: None };
         ledger.migrate().await?;
+        let (queue, rx) = mpsc::channel(4 * MAX_CAPTURE_BATCH);
+        tokio::spawn(capture_loop(ledger.handle(), rx));
+        ledger.captures = Some(queue);
         Ok(ledger)
+    }
+
+    /// Another handle on the same pool, without the capture queue (so the batcher's
+    /// handle does not keep its own queue open: dropping the ledger ends the batcher).
+    fn handle(&self) -> PostgresLedger {
+        PostgresLedger {
+            pool: self.pool.clone(),
+            op_timeout: self.op_timeout,
+            target: self.target.clone(),
+            captures: None,
+        }
+    }
+
+    /// Captures every hold of `holds` that is pending with ONE statement (and one
+    /// commit); tells for each debit whether it is (now or already) captured. Ids that
+    /// are no debit are missing from the answer.
+    async fn capture_many(&self, holds: &[i64]) -> Result<HashMap<i64, bool>> {
+        self.run(async |c| {
+            let stmt = c
+                .prepare_cached(
+                    "UPDATE transactions SET status = 'captured'
+                     WHERE id = ANY($1) AND kind = 'debit' AND status = 'pending'
+                     RETURNING id",
+                )
+                .await?;
+            let mut outcome = HashMap::with_capacity(holds.len());
+            for row in c.query(&stmt, &[&holds]).await? {
+                outcome.insert(row.try_get::<_, i64>(0)?, true);
+            }
+            let rest: Vec<i64> = holds.iter().copied().filter(|h| !outcome.contains_key(h)).collect();
+            if !rest.is_empty() {
+                // Already captured (idempotent) or already released (too late to charge).
+                let stmt = c
+                    .prepare_cached("SELECT id, status FROM transactions WHERE id = ANY($1) AND kind = 'debit'")
+                    .await?;
+                for row in c.query(&stmt, &[&rest]).await? {
+                    outcome.insert(row.try_get::<_, i64>(0)?, row.try_get::<_, &str>(1)? == "captured");
+                }
+            }
+            Ok(outcome)
+        })
+        .await
     }
 
     /// Applies the migrations the database does not have yet, in one transaction that
@@ -431,6 +483,24 @@ fn micros(v: i64) -> Micros {
 
 fn seconds(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Takes every capture queued (up to [`MAX_CAPTURE_BATCH`]) and runs them as one
+/// statement; ends when the ledger is dropped.
+async fn capture_loop(db: PostgresLedger, mut queue: mpsc::Receiver<(HoldId, oneshot::Sender<Result<bool>>)>) {
+    let mut batch = Vec::with_capacity(MAX_CAPTURE_BATCH);
+    while queue.recv_many(&mut batch, MAX_CAPTURE_BATCH).await > 0 {
+        let holds: Vec<i64> = batch.iter().map(|(h, _)| h.0).collect();
+        let outcome = db.capture_many(&holds).await;
+        for (hold, reply) in batch.drain(..) {
+            let answer = match &outcome {
+                Ok(captured) => captured.get(&hold.0).copied().ok_or_else(|| no_hold(hold)),
+                Err(e) => Err(e.clone()),
+            };
+            // The caller may have given up (timed out): nothing to tell.
+            let _ = reply.send(answer);
+        }
+    }
 }
 
 fn no_hold(hold: HoldId) -> LedgerError {
@@ -665,7 +735,20 @@ impl Ledger for PostgresLedger {
         .await
     }
 
+    /// Captures are batched (see [`capture_loop`]): while one batch's statement runs,
+    /// the next batch gathers, so under load many captures share one commit.
     async fn capture(&self, hold: HoldId) -> Result<bool> {
+        if let Some(queue) = &self.captures {
+            let (reply, answer) = oneshot::channel();
+            let stopped = || LedgerError::Unavailable("the PostgreSQL capture batcher stopped".into());
+            queue.send((hold, reply)).await.map_err(|_| stopped())?;
+            // The batcher bounds each statement by the operation timeout; a batch may
+            // wait for the one before it.
+            return match timeout(2 * self.op_timeout, answer).await {
+                Ok(answer) => answer.map_err(|_| stopped())?,
+                Err(_) => Err(self.too_slow()),
+            };
+        }
         self.run(async |c| {
             let stmt = c
                 .prepare_cached(

@@ -455,19 +455,10 @@ impl<T: Send> Reply for Ran<T> {
 
     fn send(self: Box<Self>, lost: Option<&LedgerError>) {
         let result = match (self.result, lost) {
-            (Ok(_), Some(e)) => Err(copy_error(e)),
+            (Ok(_), Some(e)) => Err(e.clone()),
             (result, _) => result,
         };
         let _ = self.reply.send(result);
-    }
-}
-
-fn copy_error(e: &LedgerError) -> LedgerError {
-    match e {
-        LedgerError::Unavailable(m) => LedgerError::Unavailable(m.clone()),
-        LedgerError::NoSuchKey(k) => LedgerError::NoSuchKey(k.clone()),
-        LedgerError::Overflow => LedgerError::Overflow,
-        LedgerError::Other(m) => LedgerError::Other(m.clone()),
     }
 }
 
