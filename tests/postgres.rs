@@ -340,6 +340,57 @@ async fn concurrent_sweeps_never_double_refund() {
     }
 }
 
+/// Holds issued at once are taken in one batch (several holds on one key, an unknown
+/// key, a revoked key among them); each caller still gets its own exact answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_holds_are_batched_and_answered_one_by_one() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let l = ledger(&url).await;
+    let funded = l.create_key(None, Micros(3 * PRICE)).await.unwrap();
+    let revoked = l.create_key(None, Micros(100 * PRICE)).await.unwrap();
+    assert!(l.revoke(&revoked.id).await.unwrap());
+    let secrets: Vec<(&'static str, String)> = (0..10)
+        .map(|_| ("funded", funded.key.clone()))
+        .chain((0..3).map(|_| ("revoked", revoked.key.clone())))
+        .chain((0..3).map(|i| ("unknown", format!("tg_live_{i:040}"))))
+        .collect();
+    let tasks: Vec<_> = secrets
+        .into_iter()
+        .enumerate()
+        .map(|(i, (who, secret))| {
+            let l = l.clone();
+            tokio::spawn(async move {
+                let request_id = format!("mixed-{i}");
+                let req = HoldRequest {
+                    secret: SecretHash::of(&secret),
+                    amount: Micros(PRICE),
+                    route: "/v1/chat",
+                    request_id: &request_id,
+                    spend_cap: None,
+                };
+                (who, l.authorize(req).await.unwrap())
+            })
+        })
+        .collect();
+    let (mut held, mut short) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            ("funded", HoldOutcome::Held { key_id, .. }) if key_id == funded.id => held += 1,
+            ("funded", HoldOutcome::Insufficient { balance, .. }) => {
+                assert!(balance < Micros(PRICE));
+                short += 1;
+            }
+            ("revoked", HoldOutcome::Revoked { key_id }) => assert_eq!(key_id, revoked.id),
+            ("unknown", HoldOutcome::UnknownKey) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((held, short), (3, 7));
+    assert_eq!(l.key(&funded.id).await.unwrap().unwrap().balance, Micros::ZERO);
+    assert_eq!(l.key(&revoked.id).await.unwrap().unwrap().balance, Micros(100 * PRICE));
+}
+
 /// Captures issued at once share statements (one batch per round trip); each caller
 /// still gets its own answer: captured, too late (released meanwhile), or no such hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,12 +181,26 @@ pub struct PostgresLedger {
     op_timeout: Duration,
     /// `host:port/dbname`, for messages (never the password).
     target: String,
-    /// The capture batcher's queue (`None` in the batcher's own handle).
-    captures: Option<mpsc::Sender<(HoldId, oneshot::Sender<Result<bool>>)>>,
+    /// The batchers' queues (`None` in the batchers' own handles).
+    batchers: Option<Batchers>,
 }
 
-/// Most captures one statement carries.
-pub const MAX_CAPTURE_BATCH: usize = 512;
+struct Batchers {
+    holds: mpsc::Sender<HoldJob>,
+    captures: mpsc::Sender<(HoldId, oneshot::Sender<Result<bool>>)>,
+}
+
+/// A hold waiting for the hold batcher.
+struct HoldJob {
+    secret: SecretHash,
+    amount: i64,
+    route: String,
+    request_id: String,
+    reply: oneshot::Sender<Result<HoldOutcome>>,
+}
+
+/// Most holds or captures one batch carries.
+pub const MAX_BATCH: usize = 256;
 
 impl std::fmt::Debug for PostgresLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,23 +244,100 @@ impl PostgresLedger {
             .recycle_timeout(Some(op_timeout))
             .build()
             .map_err(|e| LedgerError::Other(format!("cannot build the PostgreSQL pool: {e}")))?;
-        let mut ledger = PostgresLedger { pool, op_timeout, target, captures: None };
+        let mut ledger = PostgresLedger { pool, op_timeout, target, batchers: None };
         ledger.migrate().await?;
-        let (queue, rx) = mpsc::channel(4 * MAX_CAPTURE_BATCH);
-        tokio::spawn(capture_loop(ledger.handle(), rx));
-        ledger.captures = Some(queue);
+        let (holds, holds_rx) = mpsc::channel(4 * MAX_BATCH);
+        let (captures, captures_rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(hold_loop(ledger.handle(), holds_rx));
+        tokio::spawn(capture_loop(ledger.handle(), captures_rx));
+        ledger.batchers = Some(Batchers { holds, captures });
         Ok(ledger)
     }
 
-    /// Another handle on the same pool, without the capture queue (so the batcher's
-    /// handle does not keep its own queue open: dropping the ledger ends the batcher).
+    /// Another handle on the same pool, without the batchers' queues (so a batcher's
+    /// handle does not keep its own queue open: dropping the ledger ends the batchers).
     fn handle(&self) -> PostgresLedger {
         PostgresLedger {
             pool: self.pool.clone(),
             op_timeout: self.op_timeout,
             target: self.target.clone(),
-            captures: None,
+            batchers: None,
         }
+    }
+
+    /// Sends `job` to a batcher and waits for its answer.
+    async fn batched<J, T>(&self, queue: &mpsc::Sender<J>, job: J, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let stopped = || LedgerError::Unavailable("the PostgreSQL ledger's batcher stopped".into());
+        queue.send(job).await.map_err(|_| stopped())?;
+        // The batcher bounds each batch by the operation timeout; a job may wait for
+        // the batch before its own.
+        match timeout(2 * self.op_timeout, answer).await {
+            Ok(answer) => answer.map_err(|_| stopped())?,
+            Err(_) => Err(self.too_slow()),
+        }
+    }
+
+    /// Takes every hold of `jobs` in ONE transaction (one commit): the keys are locked
+    /// in id order first (so batches on other replicas cannot deadlock with this one),
+    /// then each round of holds on distinct keys is one conditional-debit statement.
+    async fn hold_many(&self, jobs: &[HoldJob]) -> Result<Vec<HoldOutcome>> {
+        self.run(async |c| {
+            let tx = c.transaction().await?;
+            let secrets: Vec<&[u8]> = jobs.iter().map(|j| &j.secret.0[..]).collect();
+            let stmt =
+                tx.prepare_cached("SELECT 1 FROM keys WHERE secret_hash = ANY($1) ORDER BY id FOR UPDATE").await?;
+            tx.query(&stmt, &[&secrets]).await?;
+            let mut outcome: Vec<Option<HoldOutcome>> = vec![None; jobs.len()];
+            let stmt = tx.prepare_cached(HOLD_MANY).await?;
+            for round in rounds(jobs) {
+                let secrets: Vec<&[u8]> = round.iter().map(|&i| &jobs[i].secret.0[..]).collect();
+                let amounts: Vec<i64> = round.iter().map(|&i| jobs[i].amount).collect();
+                let routes: Vec<&str> = round.iter().map(|&i| jobs[i].route.as_str()).collect();
+                let request_ids: Vec<&str> = round.iter().map(|&i| jobs[i].request_id.as_str()).collect();
+                let slots: Vec<i32> = round.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+                for row in tx.query(&stmt, &[&secrets, &amounts, &routes, &request_ids, &slots]).await? {
+                    let slot = usize::try_from(row.try_get::<_, i32>(0)?).unwrap_or(usize::MAX);
+                    if let Some(o) = outcome.get_mut(slot) {
+                        *o = Some(HoldOutcome::Held {
+                            hold: HoldId(row.try_get(1)?),
+                            key_id: row.try_get(2)?,
+                            balance: micros(row.try_get(3)?),
+                        });
+                    }
+                }
+            }
+            // Refused: say why, from the key rows as this transaction leaves them.
+            let refused: Vec<&[u8]> =
+                jobs.iter().zip(&outcome).filter(|(_, o)| o.is_none()).map(|(j, _)| &j.secret.0[..]).collect();
+            let mut keys = HashMap::new();
+            if !refused.is_empty() {
+                let stmt = tx
+                    .prepare_cached("SELECT secret_hash, id, revoked, balance FROM keys WHERE secret_hash = ANY($1)")
+                    .await?;
+                for row in tx.query(&stmt, &[&refused]).await? {
+                    let secret: Vec<u8> = row.try_get(0)?;
+                    keys.insert(
+                        secret,
+                        (row.try_get::<_, String>(1)?, row.try_get::<_, bool>(2)?, micros(row.try_get(3)?)),
+                    );
+                }
+            }
+            tx.commit().await?;
+            Ok(jobs
+                .iter()
+                .zip(outcome)
+                .map(|(job, o)| {
+                    o.unwrap_or_else(|| match keys.get(&job.secret.0[..]) {
+                        None => HoldOutcome::UnknownKey,
+                        Some((key_id, true, _)) => HoldOutcome::Revoked { key_id: key_id.clone() },
+                        Some((key_id, false, balance)) => {
+                            HoldOutcome::Insufficient { key_id: key_id.clone(), balance: *balance }
+                        }
+                    })
+                })
+                .collect())
+        })
+        .await
     }
 
     /// Captures every hold of `holds` that is pending with ONE statement (and one
@@ -485,11 +576,48 @@ fn seconds(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
-/// Takes every capture queued (up to [`MAX_CAPTURE_BATCH`]) and runs them as one
-/// statement; ends when the ledger is dropped.
+/// Takes every hold queued (up to [`MAX_BATCH`]) and takes them in one transaction;
+/// ends when the ledger is dropped. While one batch runs, the next gathers.
+async fn hold_loop(db: PostgresLedger, mut queue: mpsc::Receiver<HoldJob>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        match db.hold_many(&batch).await {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                    // The caller may have given up (timed out): nothing to tell.
+                    let _ = job.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Splits a batch into rounds in which each key appears once (a statement debits a
+/// key row once), keeping the order of the holds on one key.
+fn rounds(jobs: &[HoldJob]) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen: HashMap<&[u8], usize> = HashMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let n = seen.entry(&job.secret.0[..]).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(i);
+        *n += 1;
+    }
+    rounds
+}
+
+/// Takes every capture queued (up to [`MAX_BATCH`]) and runs them as one statement;
+/// ends when the ledger is dropped.
 async fn capture_loop(db: PostgresLedger, mut queue: mpsc::Receiver<(HoldId, oneshot::Sender<Result<bool>>)>) {
-    let mut batch = Vec::with_capacity(MAX_CAPTURE_BATCH);
-    while queue.recv_many(&mut batch, MAX_CAPTURE_BATCH).await > 0 {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let holds: Vec<i64> = batch.iter().map(|(h, _)| h.0).collect();
         let outcome = db.capture_many(&holds).await;
         for (hold, reply) in batch.drain(..) {
@@ -520,6 +648,25 @@ const HOLD: &str = "
         RETURNING id, key_id
     )
     SELECT hold.id, hold.key_id, held.balance FROM hold JOIN held ON held.id = hold.key_id";
+
+/// [`HOLD`] for many holds on distinct keys: `$1` secret hashes, `$2` amounts, `$3`
+/// routes, `$4` request ids, `$5` the caller's slot for each; returns (slot, hold id,
+/// key id, balance) for each hold taken.
+const HOLD_MANY: &str = "
+    WITH req AS (
+        SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::text[], $4::text[], $5::int[])
+            AS r(secret, amount, route, request_id, slot)
+    ), held AS (
+        UPDATE keys SET balance = keys.balance - req.amount
+        FROM req
+        WHERE keys.secret_hash = req.secret AND NOT keys.revoked AND keys.balance >= req.amount
+        RETURNING keys.id, keys.balance, req.amount, req.route, req.request_id, req.slot
+    ), hold AS (
+        INSERT INTO transactions (key_id, kind, amount, route, request_id, status)
+        SELECT id, 'debit', amount, route, request_id, 'pending' FROM held
+        RETURNING id, key_id
+    )
+    SELECT held.slot, hold.id, hold.key_id, held.balance FROM hold JOIN held ON held.id = hold.key_id";
 
 const KEY_BY_SECRET: &str = "SELECT id, revoked, balance FROM keys WHERE secret_hash = $1";
 
@@ -681,6 +828,11 @@ impl Ledger for PostgresLedger {
         }
         let HoldRequest { secret, amount: requested, route, request_id, spend_cap } = req;
         let secret_bytes = &secret.0[..];
+        if let (None, Some(b)) = (spend_cap, &self.batchers) {
+            let (reply, answer) = oneshot::channel();
+            let job = HoldJob { secret, amount, route: route.to_owned(), request_id: request_id.to_owned(), reply };
+            return self.batched(&b.holds, job, answer).await;
+        }
         let Some((cap, window)) = spend_cap else {
             return self
                 .run(async |c| {
@@ -738,16 +890,9 @@ impl Ledger for PostgresLedger {
     /// Captures are batched (see [`capture_loop`]): while one batch's statement runs,
     /// the next batch gathers, so under load many captures share one commit.
     async fn capture(&self, hold: HoldId) -> Result<bool> {
-        if let Some(queue) = &self.captures {
+        if let Some(b) = &self.batchers {
             let (reply, answer) = oneshot::channel();
-            let stopped = || LedgerError::Unavailable("the PostgreSQL capture batcher stopped".into());
-            queue.send((hold, reply)).await.map_err(|_| stopped())?;
-            // The batcher bounds each statement by the operation timeout; a batch may
-            // wait for the one before it.
-            return match timeout(2 * self.op_timeout, answer).await {
-                Ok(answer) => answer.map_err(|_| stopped())?,
-                Err(_) => Err(self.too_slow()),
-            };
+            return self.batched(&b.captures, (hold, reply), answer).await;
         }
         self.run(async |c| {
             let stmt = c
