@@ -66,7 +66,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -277,65 +277,20 @@ impl PostgresLedger {
         }
     }
 
-    /// Takes every hold of `jobs` in ONE transaction (one commit): the keys are locked
-    /// in id order first (so batches on other replicas cannot deadlock with this one),
-    /// then each round of holds on distinct keys is one conditional-debit statement.
+    /// Takes every hold of `jobs` with one commit: one statement when no key appears
+    /// twice, else one transaction with a statement per round of distinct keys. Each
+    /// statement locks its keys in id order first, so batches on other replicas cannot
+    /// deadlock with this one.
     async fn hold_many(&self, jobs: &[HoldJob]) -> Result<Vec<HoldOutcome>> {
+        let rounds = rounds(jobs);
         self.run(async |c| {
+            if rounds.len() == 1 {
+                return take_holds(&*c, jobs, &rounds).await;
+            }
             let tx = c.transaction().await?;
-            let secrets: Vec<&[u8]> = jobs.iter().map(|j| &j.secret.0[..]).collect();
-            let stmt =
-                tx.prepare_cached("SELECT 1 FROM keys WHERE secret_hash = ANY($1) ORDER BY id FOR UPDATE").await?;
-            tx.query(&stmt, &[&secrets]).await?;
-            let mut outcome: Vec<Option<HoldOutcome>> = vec![None; jobs.len()];
-            let stmt = tx.prepare_cached(HOLD_MANY).await?;
-            for round in rounds(jobs) {
-                let secrets: Vec<&[u8]> = round.iter().map(|&i| &jobs[i].secret.0[..]).collect();
-                let amounts: Vec<i64> = round.iter().map(|&i| jobs[i].amount).collect();
-                let routes: Vec<&str> = round.iter().map(|&i| jobs[i].route.as_str()).collect();
-                let request_ids: Vec<&str> = round.iter().map(|&i| jobs[i].request_id.as_str()).collect();
-                let slots: Vec<i32> = round.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
-                for row in tx.query(&stmt, &[&secrets, &amounts, &routes, &request_ids, &slots]).await? {
-                    let slot = usize::try_from(row.try_get::<_, i32>(0)?).unwrap_or(usize::MAX);
-                    if let Some(o) = outcome.get_mut(slot) {
-                        *o = Some(HoldOutcome::Held {
-                            hold: HoldId(row.try_get(1)?),
-                            key_id: row.try_get(2)?,
-                            balance: micros(row.try_get(3)?),
-                        });
-                    }
-                }
-            }
-            // Refused: say why, from the key rows as this transaction leaves them.
-            let refused: Vec<&[u8]> =
-                jobs.iter().zip(&outcome).filter(|(_, o)| o.is_none()).map(|(j, _)| &j.secret.0[..]).collect();
-            let mut keys = HashMap::new();
-            if !refused.is_empty() {
-                let stmt = tx
-                    .prepare_cached("SELECT secret_hash, id, revoked, balance FROM keys WHERE secret_hash = ANY($1)")
-                    .await?;
-                for row in tx.query(&stmt, &[&refused]).await? {
-                    let secret: Vec<u8> = row.try_get(0)?;
-                    keys.insert(
-                        secret,
-                        (row.try_get::<_, String>(1)?, row.try_get::<_, bool>(2)?, micros(row.try_get(3)?)),
-                    );
-                }
-            }
+            let outcome = take_holds(&tx, jobs, &rounds).await?;
             tx.commit().await?;
-            Ok(jobs
-                .iter()
-                .zip(outcome)
-                .map(|(job, o)| {
-                    o.unwrap_or_else(|| match keys.get(&job.secret.0[..]) {
-                        None => HoldOutcome::UnknownKey,
-                        Some((key_id, true, _)) => HoldOutcome::Revoked { key_id: key_id.clone() },
-                        Some((key_id, false, balance)) => {
-                            HoldOutcome::Insufficient { key_id: key_id.clone(), balance: *balance }
-                        }
-                    })
-                })
-                .collect())
+            Ok(outcome)
         })
         .await
     }
@@ -597,6 +552,54 @@ async fn hold_loop(db: PostgresLedger, mut queue: mpsc::Receiver<HoldJob>) {
     }
 }
 
+/// Runs the rounds of [`PostgresLedger::hold_many`] on `c`, then reads why the holds
+/// that were refused were refused.
+async fn take_holds<C: GenericClient>(c: &C, jobs: &[HoldJob], rounds: &[Vec<usize>]) -> Result<Vec<HoldOutcome>> {
+    let mut outcome: Vec<Option<HoldOutcome>> = vec![None; jobs.len()];
+    let stmt = c.prepare_cached(HOLD_MANY).await?;
+    for round in rounds {
+        let secrets: Vec<&[u8]> = round.iter().map(|&i| &jobs[i].secret.0[..]).collect();
+        let amounts: Vec<i64> = round.iter().map(|&i| jobs[i].amount).collect();
+        let routes: Vec<&str> = round.iter().map(|&i| jobs[i].route.as_str()).collect();
+        let request_ids: Vec<&str> = round.iter().map(|&i| jobs[i].request_id.as_str()).collect();
+        let slots: Vec<i32> = round.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+        for row in c.query(&stmt, &[&secrets, &amounts, &routes, &request_ids, &slots]).await? {
+            let slot = usize::try_from(row.try_get::<_, i32>(0)?).unwrap_or(usize::MAX);
+            if let Some(o) = outcome.get_mut(slot) {
+                *o = Some(HoldOutcome::Held {
+                    hold: HoldId(row.try_get(1)?),
+                    key_id: row.try_get(2)?,
+                    balance: micros(row.try_get(3)?),
+                });
+            }
+        }
+    }
+    let refused: Vec<&[u8]> =
+        jobs.iter().zip(&outcome).filter(|(_, o)| o.is_none()).map(|(j, _)| &j.secret.0[..]).collect();
+    let mut keys = HashMap::new();
+    if !refused.is_empty() {
+        let stmt =
+            c.prepare_cached("SELECT secret_hash, id, revoked, balance FROM keys WHERE secret_hash = ANY($1)").await?;
+        for row in c.query(&stmt, &[&refused]).await? {
+            let secret: Vec<u8> = row.try_get(0)?;
+            keys.insert(secret, (row.try_get::<_, String>(1)?, row.try_get::<_, bool>(2)?, micros(row.try_get(3)?)));
+        }
+    }
+    Ok(jobs
+        .iter()
+        .zip(outcome)
+        .map(|(job, o)| {
+            o.unwrap_or_else(|| match keys.get(&job.secret.0[..]) {
+                None => HoldOutcome::UnknownKey,
+                Some((key_id, true, _)) => HoldOutcome::Revoked { key_id: key_id.clone() },
+                Some((key_id, false, balance)) => {
+                    HoldOutcome::Insufficient { key_id: key_id.clone(), balance: *balance }
+                }
+            })
+        })
+        .collect())
+}
+
 /// Splits a batch into rounds in which each key appears once (a statement debits a
 /// key row once), keeping the order of the holds on one key.
 fn rounds(jobs: &[HoldJob]) -> Vec<Vec<usize>> {
@@ -651,15 +654,18 @@ const HOLD: &str = "
 
 /// [`HOLD`] for many holds on distinct keys: `$1` secret hashes, `$2` amounts, `$3`
 /// routes, `$4` request ids, `$5` the caller's slot for each; returns (slot, hold id,
-/// key id, balance) for each hold taken.
+/// key id, balance) for each hold taken. The key rows are locked in id order first.
 const HOLD_MANY: &str = "
     WITH req AS (
         SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::text[], $4::text[], $5::int[])
             AS r(secret, amount, route, request_id, slot)
+    ), locked AS (
+        SELECT id FROM keys WHERE secret_hash = ANY($1) ORDER BY id FOR UPDATE
     ), held AS (
         UPDATE keys SET balance = keys.balance - req.amount
         FROM req
-        WHERE keys.secret_hash = req.secret AND NOT keys.revoked AND keys.balance >= req.amount
+        WHERE keys.secret_hash = req.secret AND keys.id IN (SELECT id FROM locked)
+          AND NOT keys.revoked AND keys.balance >= req.amount
         RETURNING keys.id, keys.balance, req.amount, req.route, req.request_id, req.slot
     ), hold AS (
         INSERT INTO transactions (key_id, kind, amount, route, request_id, status)
