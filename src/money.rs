@@ -77,12 +77,12 @@ impl Micros {
 impl fmt::Display for Micros {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let whole = self.0 / SCALE;
-        let frac = self.0 % SCALE;
-        let mut digits = format!("{frac:06}");
-        while digits.len() > 2 && digits.ends_with('0') {
-            digits.pop();
+        let (mut frac, mut width) = (self.0 % SCALE, DECIMALS as usize);
+        while width > 2 && frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
         }
-        write!(f, "{whole}.{digits}")
+        write!(f, "{whole}.{frac:0width$}")
     }
 }
 

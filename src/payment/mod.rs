@@ -222,5 +222,5 @@ impl Rails {
 
 /// `0.002 USD`: the money header format of DESIGN §6.
 pub fn money_header(amount: Micros, currency: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!("{amount} {currency}")).unwrap_or(HeaderValue::from_static("0 USD"))
+    HeaderValue::try_from(format!("{amount} {currency}")).unwrap_or(HeaderValue::from_static("0 USD"))
 }
