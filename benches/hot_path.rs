@@ -104,6 +104,26 @@ fn credits_check(c: &mut Criterion) {
     });
 }
 
+/// The in-memory part of a hold on the SQLite ledger (what `authorize` costs once the
+/// key is cached): take a hold from the book, then drop it.
+fn book_hold(c: &mut Criterion) {
+    use tollgate::ledger::holds::{Attempt, Book};
+    let book = Book::default();
+    book.add_ids(1..i64::MAX);
+    let secret = SecretHash::of("tg_live_bench");
+    book.load(secret, "key_bench", false, Micros(u64::MAX / 4));
+    c.bench_function("credits/hold_in_memory_sqlite", |b| {
+        b.iter(|| {
+            let Attempt::Decided(HoldOutcome::Held { hold, .. }) =
+                book.try_hold(&secret, Micros(2_000), "chat", "01JBENCH", 0)
+            else {
+                panic!("no hold")
+            };
+            book.close(hold, None);
+        })
+    });
+}
+
 fn render_402(c: &mut Criterion) {
     let refusal = Refusal {
         public_base: "https://api.example.com",
@@ -133,5 +153,5 @@ fn metrics_encoding(c: &mut Criterion) {
     c.bench_function("metrics/encode_4_routes", |b| b.iter(|| m.encode()));
 }
 
-criterion_group!(benches, route_match, credential_parsing, credits_check, render_402, metrics_encoding);
+criterion_group!(benches, route_match, credential_parsing, credits_check, book_hold, render_402, metrics_encoding);
 criterion_main!(benches);
