@@ -38,6 +38,18 @@ async fn ledger(url: &str) -> Arc<PostgresLedger> {
     Arc::new(PostgresLedger::connect(url, opts()).await.unwrap())
 }
 
+/// Holds `PRICE` on route `/v1/chat` for the key with `secret`.
+async fn hold(
+    l: &PostgresLedger,
+    secret: &str,
+    request_id: &str,
+    spend_cap: Option<(Micros, Duration)>,
+) -> HoldOutcome {
+    let req =
+        HoldRequest { secret: SecretHash::of(secret), amount: Micros(PRICE), route: "/v1/chat", request_id, spend_cap };
+    l.authorize(req).await.unwrap()
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
@@ -270,17 +282,9 @@ async fn spend_cap_holds_across_two_ledgers() {
         .map(|i| {
             let l = if i % 2 == 0 { a.clone() } else { b.clone() };
             let secret = k.key.clone();
-            tokio::spawn(async move {
-                let request_id = format!("cap-{i}");
-                let req = HoldRequest {
-                    secret: SecretHash::of(&secret),
-                    amount: Micros(PRICE),
-                    route: "/v1/chat",
-                    request_id: &request_id,
-                    spend_cap: Some((cap, Duration::from_secs(3600))),
-                };
-                l.authorize(req).await.unwrap()
-            })
+            tokio::spawn(
+                async move { hold(&l, &secret, &format!("cap-{i}"), Some((cap, Duration::from_secs(3600)))).await },
+            )
         })
         .collect();
     let (mut held, mut capped) = (0, 0);
@@ -310,15 +314,7 @@ async fn concurrent_sweeps_never_double_refund() {
     }
     for i in 0..60 {
         let k = &keys[i % 3];
-        let request_id = format!("stale-{i}");
-        let req = HoldRequest {
-            secret: SecretHash::of(&k.key),
-            amount: Micros(PRICE),
-            route: "/v1/chat",
-            request_id: &request_id,
-            spend_cap: None,
-        };
-        assert!(matches!(a.authorize(req).await.unwrap(), HoldOutcome::Held { .. }));
+        assert!(matches!(hold(&a, &k.key, &format!("stale-{i}"), None).await, HoldOutcome::Held { .. }));
     }
     warm_up(&[&a, &b]).await;
     let sweeps: Vec<_> = (0..4)
@@ -360,17 +356,7 @@ async fn concurrent_holds_are_batched_and_answered_one_by_one() {
         .enumerate()
         .map(|(i, (who, secret))| {
             let l = l.clone();
-            tokio::spawn(async move {
-                let request_id = format!("mixed-{i}");
-                let req = HoldRequest {
-                    secret: SecretHash::of(&secret),
-                    amount: Micros(PRICE),
-                    route: "/v1/chat",
-                    request_id: &request_id,
-                    spend_cap: None,
-                };
-                (who, l.authorize(req).await.unwrap())
-            })
+            tokio::spawn(async move { (who, hold(&l, &secret, &format!("mixed-{i}"), None).await) })
         })
         .collect();
     let (mut held, mut short) = (0, 0);
@@ -401,15 +387,7 @@ async fn concurrent_captures_are_batched_and_answered_one_by_one() {
     let k = l.create_key(None, Micros(300 * PRICE)).await.unwrap();
     let mut holds = Vec::new();
     for i in 0..200 {
-        let request_id = format!("batch-{i}");
-        let req = HoldRequest {
-            secret: SecretHash::of(&k.key),
-            amount: Micros(PRICE),
-            route: "/v1/chat",
-            request_id: &request_id,
-            spend_cap: None,
-        };
-        let HoldOutcome::Held { hold, .. } = l.authorize(req).await.unwrap() else { panic!() };
+        let HoldOutcome::Held { hold, .. } = hold(&l, &k.key, &format!("batch-{i}"), None).await else { panic!() };
         holds.push(hold);
     }
     // Every tenth hold is released first: capturing it must say "too late".
