@@ -570,6 +570,31 @@ async fn sqlite_reopen_keeps_everything() {
     assert_eq!((rows[0].kind, rows[1].status.as_deref()), (TxKind::Refund, Some("released")));
 }
 
+/// More holds than one block of reserved ids, with no other write to wake the writer:
+/// a hold that finds no id left has the writer reserve more, and every hold gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_holds_outlast_a_block_of_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(&dir.path().join("ledger.db"));
+    let k = l.create_key(None, Micros(1_000_000_000)).await.unwrap();
+    let n = 2 * tollgate::ledger::holds::ID_BLOCK as usize + 10;
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..n {
+        let request_id = format!("many-{i}");
+        let req = HoldRequest {
+            secret: SecretHash::of(&k.key),
+            amount: Micros(1),
+            route: "/r",
+            request_id: &request_id,
+            spend_cap: None,
+        };
+        let HoldOutcome::Held { hold, balance, .. } = l.authorize(req).await.unwrap() else { panic!("hold {i}") };
+        assert_eq!(balance, Micros(1_000_000_000 - i as u64 - 1));
+        assert!(ids.insert(hold.0), "hold id {} given twice", hold.0);
+    }
+    assert_eq!(l.transactions(Some(&k.id), usize::MAX).await.unwrap().len(), n + 1);
+}
+
 /// `tollgate keys credit` / `revoke` run as another process while the gateway serves:
 /// the gateway's cached balances must follow, and rows the other process writes must
 /// never take an id the gateway handed to an open hold.

@@ -1096,6 +1096,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_splits_into_rounds_of_distinct_keys_in_order() {
+        let job = |n: u8| HoldJob {
+            secret: SecretHash([n; 32]),
+            amount: 1,
+            route: String::new(),
+            request_id: String::new(),
+            reply: oneshot::channel().0,
+        };
+        let jobs = [job(1), job(2), job(1), job(1), job(3), job(2)];
+        assert_eq!(rounds(&jobs), [vec![0, 1, 4], vec![2, 5], vec![3]]);
+        assert!(rounds(&[]).is_empty());
+    }
+
+    #[test]
     fn transient_sqlstates_are_unavailable() {
         for code in ["57014", "57P01", "57P03", "08006", "53300", "40001", "40P01", "55P03", "25006", "58030"] {
             assert!(transient(code), "{code}");
