@@ -2,8 +2,9 @@
 //! (DESIGN §5).
 //!
 //! Money is integer micro-units. A charge has two phases, like a card authorization:
-//! [`Ledger::authorize`] takes a **hold** with one atomic conditional debit (the
-//! balance can never go below zero, whatever the concurrency or number of replicas);
+//! [`Ledger::authorize`] takes a **hold** atomically, as a conditional debit (the
+//! balance can never go below zero, whatever the concurrency or number of replicas;
+//! PostgreSQL writes it, SQLite keeps it in memory, see [`holds`]);
 //! [`Ledger::capture`] makes it final once the upstream answered with a chargeable
 //! status; [`Ledger::release`] gives it back (recorded as a `refund`) when it did not.
 //! Holds a crashed process left open are released by [`Ledger::release_stale_holds`].
