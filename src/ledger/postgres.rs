@@ -893,7 +893,7 @@ impl Ledger for PostgresLedger {
         .await
     }
 
-    /// Captures are batched (see [`capture_loop`]): while one batch's statement runs,
+    /// Captures are batched (see `capture_loop`): while one batch's statement runs,
     /// the next batch gathers, so under load many captures share one commit.
     async fn capture(&self, hold: HoldId) -> Result<bool> {
         if let Some(b) = &self.batchers {
