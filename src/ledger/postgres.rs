@@ -277,20 +277,55 @@ impl PostgresLedger {
         }
     }
 
-    /// Takes every hold of `jobs` with one commit: one statement when no key appears
-    /// twice, else one transaction with a statement per round of distinct keys. Each
-    /// statement locks its keys in id order first, so batches on other replicas cannot
-    /// deadlock with this one.
+    /// Takes every hold of `jobs` with ONE statement ([`HOLD_MANY`]), then reads why
+    /// the refused ones were refused.
     async fn hold_many(&self, jobs: &[HoldJob]) -> Result<Vec<HoldOutcome>> {
-        let rounds = rounds(jobs);
         self.run(async |c| {
-            if rounds.len() == 1 {
-                return take_holds(&*c, jobs, &rounds).await;
+            let mut outcome: Vec<Option<HoldOutcome>> = vec![None; jobs.len()];
+            let secrets: Vec<&[u8]> = jobs.iter().map(|j| &j.secret.0[..]).collect();
+            let amounts: Vec<i64> = jobs.iter().map(|j| j.amount).collect();
+            let routes: Vec<&str> = jobs.iter().map(|j| j.route.as_str()).collect();
+            let request_ids: Vec<&str> = jobs.iter().map(|j| j.request_id.as_str()).collect();
+            let slots: Vec<i32> = (0..jobs.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+            let stmt = c.prepare_cached(HOLD_MANY).await?;
+            for row in c.query(&stmt, &[&secrets, &amounts, &routes, &request_ids, &slots]).await? {
+                let slot = usize::try_from(row.try_get::<_, i32>(0)?).unwrap_or(usize::MAX);
+                if let Some(o) = outcome.get_mut(slot) {
+                    *o = Some(HoldOutcome::Held {
+                        hold: HoldId(row.try_get(1)?),
+                        key_id: row.try_get(2)?,
+                        balance: micros(row.try_get(3)?),
+                    });
+                }
             }
-            let tx = c.transaction().await?;
-            let outcome = take_holds(&tx, jobs, &rounds).await?;
-            tx.commit().await?;
-            Ok(outcome)
+            let refused: Vec<&[u8]> =
+                jobs.iter().zip(&outcome).filter(|(_, o)| o.is_none()).map(|(j, _)| &j.secret.0[..]).collect();
+            let mut keys = HashMap::new();
+            if !refused.is_empty() {
+                let stmt = c
+                    .prepare_cached("SELECT secret_hash, id, revoked, balance FROM keys WHERE secret_hash = ANY($1)")
+                    .await?;
+                for row in c.query(&stmt, &[&refused]).await? {
+                    let secret: Vec<u8> = row.try_get(0)?;
+                    keys.insert(
+                        secret,
+                        (row.try_get::<_, String>(1)?, row.try_get::<_, bool>(2)?, micros(row.try_get(3)?)),
+                    );
+                }
+            }
+            Ok(jobs
+                .iter()
+                .zip(outcome)
+                .map(|(job, o)| {
+                    o.unwrap_or_else(|| match keys.get(&job.secret.0[..]) {
+                        None => HoldOutcome::UnknownKey,
+                        Some((key_id, true, _)) => HoldOutcome::Revoked { key_id: key_id.clone() },
+                        Some((key_id, false, balance)) => {
+                            HoldOutcome::Insufficient { key_id: key_id.clone(), balance: *balance }
+                        }
+                    })
+                })
+                .collect())
         })
         .await
     }
@@ -552,70 +587,6 @@ async fn hold_loop(db: PostgresLedger, mut queue: mpsc::Receiver<HoldJob>) {
     }
 }
 
-/// Runs the rounds of [`PostgresLedger::hold_many`] on `c`, then reads why the holds
-/// that were refused were refused.
-async fn take_holds<C: GenericClient>(c: &C, jobs: &[HoldJob], rounds: &[Vec<usize>]) -> Result<Vec<HoldOutcome>> {
-    let mut outcome: Vec<Option<HoldOutcome>> = vec![None; jobs.len()];
-    let stmt = c.prepare_cached(HOLD_MANY).await?;
-    for round in rounds {
-        let secrets: Vec<&[u8]> = round.iter().map(|&i| &jobs[i].secret.0[..]).collect();
-        let amounts: Vec<i64> = round.iter().map(|&i| jobs[i].amount).collect();
-        let routes: Vec<&str> = round.iter().map(|&i| jobs[i].route.as_str()).collect();
-        let request_ids: Vec<&str> = round.iter().map(|&i| jobs[i].request_id.as_str()).collect();
-        let slots: Vec<i32> = round.iter().map(|&i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
-        for row in c.query(&stmt, &[&secrets, &amounts, &routes, &request_ids, &slots]).await? {
-            let slot = usize::try_from(row.try_get::<_, i32>(0)?).unwrap_or(usize::MAX);
-            if let Some(o) = outcome.get_mut(slot) {
-                *o = Some(HoldOutcome::Held {
-                    hold: HoldId(row.try_get(1)?),
-                    key_id: row.try_get(2)?,
-                    balance: micros(row.try_get(3)?),
-                });
-            }
-        }
-    }
-    let refused: Vec<&[u8]> =
-        jobs.iter().zip(&outcome).filter(|(_, o)| o.is_none()).map(|(j, _)| &j.secret.0[..]).collect();
-    let mut keys = HashMap::new();
-    if !refused.is_empty() {
-        let stmt =
-            c.prepare_cached("SELECT secret_hash, id, revoked, balance FROM keys WHERE secret_hash = ANY($1)").await?;
-        for row in c.query(&stmt, &[&refused]).await? {
-            let secret: Vec<u8> = row.try_get(0)?;
-            keys.insert(secret, (row.try_get::<_, String>(1)?, row.try_get::<_, bool>(2)?, micros(row.try_get(3)?)));
-        }
-    }
-    Ok(jobs
-        .iter()
-        .zip(outcome)
-        .map(|(job, o)| {
-            o.unwrap_or_else(|| match keys.get(&job.secret.0[..]) {
-                None => HoldOutcome::UnknownKey,
-                Some((key_id, true, _)) => HoldOutcome::Revoked { key_id: key_id.clone() },
-                Some((key_id, false, balance)) => {
-                    HoldOutcome::Insufficient { key_id: key_id.clone(), balance: *balance }
-                }
-            })
-        })
-        .collect())
-}
-
-/// Splits a batch into rounds in which each key appears once (a statement debits a
-/// key row once), keeping the order of the holds on one key.
-fn rounds(jobs: &[HoldJob]) -> Vec<Vec<usize>> {
-    let mut rounds: Vec<Vec<usize>> = Vec::new();
-    let mut seen: HashMap<&[u8], usize> = HashMap::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let n = seen.entry(&job.secret.0[..]).or_insert(0);
-        if rounds.len() <= *n {
-            rounds.push(Vec::new());
-        }
-        rounds[*n].push(i);
-        *n += 1;
-    }
-    rounds
-}
-
 /// Takes every capture queued (up to [`MAX_BATCH`]) and runs them as one statement;
 /// ends when the ledger is dropped.
 async fn capture_loop(db: PostgresLedger, mut queue: mpsc::Receiver<(HoldId, oneshot::Sender<Result<bool>>)>) {
@@ -652,27 +623,38 @@ const HOLD: &str = "
     )
     SELECT hold.id, hold.key_id, held.balance FROM hold JOIN held ON held.id = hold.key_id";
 
-/// [`HOLD`] for many holds on distinct keys: `$1` secret hashes, `$2` amounts, `$3`
-/// routes, `$4` request ids, `$5` the caller's slot for each; returns (slot, hold id,
-/// key id, balance) for each hold taken. The key rows are locked in id order first.
+/// [`HOLD`] for a whole batch, in one statement: `$1` secret hashes, `$2` amounts,
+/// `$3` routes, `$4` request ids, `$5` the caller's slot for each. The key rows are
+/// locked in id order first (batches on other replicas cannot deadlock with this one).
+/// Holds on one key are granted in slot order while their running sum fits the
+/// balance, as if taken one by one (a hold that does not fit refuses the later ones on
+/// that key too). Each granted hold gets its row id before the insert, so the answer
+/// (slot, hold id, key id, balance left) maps back exactly.
 const HOLD_MANY: &str = "
     WITH req AS (
         SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::text[], $4::text[], $5::int[])
             AS r(secret, amount, route, request_id, slot)
     ), locked AS (
-        SELECT id FROM keys WHERE secret_hash = ANY($1) ORDER BY id FOR UPDATE
-    ), held AS (
-        UPDATE keys SET balance = keys.balance - req.amount
-        FROM req
-        WHERE keys.secret_hash = req.secret AND keys.id IN (SELECT id FROM locked)
-          AND NOT keys.revoked AND keys.balance >= req.amount
-        RETURNING keys.id, keys.balance, req.amount, req.route, req.request_id, req.slot
-    ), hold AS (
-        INSERT INTO transactions (key_id, kind, amount, route, request_id, status)
-        SELECT id, 'debit', amount, route, request_id, 'pending' FROM held
-        RETURNING id, key_id
+        SELECT id, secret_hash, balance FROM keys
+        WHERE secret_hash = ANY($1) AND NOT revoked
+        ORDER BY id FOR UPDATE
+    ), wanted AS (
+        SELECT req.*, locked.id AS key_id, locked.balance AS before,
+               sum(req.amount) OVER (PARTITION BY req.secret ORDER BY req.slot) AS upto
+        FROM req JOIN locked ON locked.secret_hash = req.secret
+    ), granted AS MATERIALIZED (
+        SELECT wanted.*, nextval(pg_get_serial_sequence('transactions', 'id')) AS hold_id
+        FROM wanted WHERE upto <= before
+    ), debited AS (
+        UPDATE keys SET balance = keys.balance - per_key.total
+        FROM (SELECT key_id, sum(amount)::bigint AS total FROM granted GROUP BY key_id) AS per_key
+        WHERE keys.id = per_key.key_id
+    ), inserted AS (
+        INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status)
+        OVERRIDING SYSTEM VALUE
+        SELECT hold_id, key_id, 'debit', amount, route, request_id, 'pending' FROM granted
     )
-    SELECT held.slot, hold.id, hold.key_id, held.balance FROM hold JOIN held ON held.id = hold.key_id";
+    SELECT slot, hold_id, key_id, (before - upto)::bigint FROM granted";
 
 const KEY_BY_SECRET: &str = "SELECT id, revoked, balance FROM keys WHERE secret_hash = $1";
 
@@ -1094,20 +1076,6 @@ impl Ledger for PostgresLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_batch_splits_into_rounds_of_distinct_keys_in_order() {
-        let job = |n: u8| HoldJob {
-            secret: SecretHash([n; 32]),
-            amount: 1,
-            route: String::new(),
-            request_id: String::new(),
-            reply: oneshot::channel().0,
-        };
-        let jobs = [job(1), job(2), job(1), job(1), job(3), job(2)];
-        assert_eq!(rounds(&jobs), [vec![0, 1, 4], vec![2, 5], vec![3]]);
-        assert!(rounds(&[]).is_empty());
-    }
 
     #[test]
     fn transient_sqlstates_are_unavailable() {
