@@ -17,8 +17,10 @@
 //! ONE `BEGIN IMMEDIATE … COMMIT`, so one commit (and, with `synchronous=FULL`, one
 //! fsync) is shared by the whole batch. Each command runs inside its own `SAVEPOINT`:
 //! a command that fails (or panics) is rolled back alone and the others still commit.
-//! Replies are sent only after the `COMMIT` returned, so an acknowledged hold, credit or
-//! nonce is always committed; if the `COMMIT` fails, every command of the batch gets
+//! Replies are sent only after the `COMMIT` returned, so an acknowledged capture, credit
+//! or nonce is always committed (they travel as one message per batch to a task on the
+//! runtime that opened the ledger, which wakes each caller: one cross-thread wake-up
+//! per batch instead of one per command); if the `COMMIT` fails, every command of the batch gets
 //! the error. Correctness does not depend on batching: the single writer serialises all
 //! commands, and each one is atomic.
 //!
@@ -207,9 +209,16 @@ impl SqliteLedger {
 
         let commits = Arc::new(AtomicU64::new(0));
         let book = Book::default();
+        // Replies go through a task on the runtime that opened the ledger, if any (the
+        // gateway's; it runs as long as the gateway does).
+        let courier = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let (courier, batches) = mpsc::unbounded_channel();
+            rt.spawn(courier_loop(batches));
+            courier
+        });
         let writer = Worker::spawn("tollgate-ledger-writer", {
             let (commits, book) = (commits.clone(), book.clone());
-            move |queue| write_loop(&conn, &book, queue, &commits)
+            move |queue| write_loop(&conn, &book, queue, &commits, courier)
         })?;
         let reader = Worker::spawn("tollgate-ledger-reader", {
             let book = book.clone();
@@ -549,8 +558,9 @@ impl Drop for Checkpointer {
     }
 }
 
-fn write_loop(conn: &Connection, book: &Book, mut queue: Queue, commits: &AtomicU64) {
+fn write_loop(conn: &Connection, book: &Book, mut queue: Queue, commits: &AtomicU64, courier: Option<Courier>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut outbox = Vec::with_capacity(MAX_BATCH);
     // `None` forces a refresh of every cached key before the next batch.
     let mut seen: Option<i64> = None;
     while let Some(first) = queue.blocking_recv() {
@@ -572,10 +582,36 @@ fn write_loop(conn: &Connection, book: &Book, mut queue: Queue, commits: &Atomic
                 Err(e) => tracing::warn!(error = %e, "cannot reserve transaction ids; will retry"),
             }
         }
-        if !run_batch(conn, book, &mut batch, commits) {
+        if !run_batch(conn, book, &mut batch, commits, &mut outbox) {
             // Some book changes may belong to writes that were rolled back.
             seen = None;
         }
+        let replies = std::mem::replace(&mut outbox, Vec::with_capacity(MAX_BATCH));
+        match &courier {
+            // One wake-up of the runtime for the whole batch; the courier task then
+            // wakes each caller from inside the runtime, which costs no system call.
+            Some(courier) => {
+                if let Err(returned) = courier.send(replies) {
+                    deliver(returned.0);
+                }
+            }
+            None => deliver(replies),
+        }
+    }
+}
+
+/// Carries a batch's replies to a task on the runtime that opened the ledger.
+type Courier = mpsc::UnboundedSender<Vec<Outgoing>>;
+
+fn deliver(replies: Vec<Outgoing>) {
+    for (reply, lost) in replies {
+        reply.send(lost.as_ref());
+    }
+}
+
+async fn courier_loop(mut batches: mpsc::UnboundedReceiver<Vec<Outgoing>>) {
+    while let Some(replies) = batches.recv().await {
+        deliver(replies);
     }
 }
 
@@ -651,9 +687,19 @@ fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-/// Runs `batch` (draining it) in one write transaction, each command in a savepoint.
-/// Returns false when some write was rolled back (a failed command or transaction).
-fn run_batch(conn: &Connection, book: &Book, batch: &mut Vec<Box<dyn Command>>, commits: &AtomicU64) -> bool {
+/// A reply ready to go, with the error that undid its success, if one did.
+type Outgoing = (Box<dyn Reply>, Option<LedgerError>);
+
+/// Runs `batch` (draining it) in one write transaction, each command in a savepoint,
+/// and puts the replies in `outbox` once their transaction ended. Returns false when
+/// some write was rolled back (a failed command or transaction).
+fn run_batch(
+    conn: &Connection,
+    book: &Book,
+    batch: &mut Vec<Box<dyn Command>>,
+    commits: &AtomicU64,
+    outbox: &mut Vec<Outgoing>,
+) -> bool {
     let tx = Tx { conn, book };
     let mut ran: Vec<Box<dyn Reply>> = Vec::with_capacity(batch.len());
     let mut open = false;
@@ -695,9 +741,7 @@ fn run_batch(conn: &Connection, book: &Book, batch: &mut Vec<Box<dyn Command>>, 
         let lost = LedgerError::Unavailable(
             "SQLite rolled the ledger transaction back (I/O error or disk full?); retry".into(),
         );
-        for reply in ran.drain(..) {
-            reply.send(Some(&lost));
-        }
+        outbox.extend(ran.drain(..).map(|reply| (reply, Some(lost.clone()))));
         open = false;
         clean = false;
     }
@@ -707,9 +751,7 @@ fn run_batch(conn: &Connection, book: &Book, batch: &mut Vec<Box<dyn Command>>, 
     match control(conn, "COMMIT") {
         Ok(()) => {
             commits.fetch_add(1, Ordering::Relaxed);
-            for reply in ran {
-                reply.send(None);
-            }
+            outbox.extend(ran.into_iter().map(|reply| (reply, None)));
             clean
         }
         Err(e) => {
@@ -717,9 +759,7 @@ fn run_batch(conn: &Connection, book: &Book, batch: &mut Vec<Box<dyn Command>>, 
                 let _ = conn.execute_batch("ROLLBACK");
             }
             let lost = LedgerError::from(e);
-            for reply in ran {
-                reply.send(Some(&lost));
-            }
+            outbox.extend(ran.into_iter().map(|reply| (reply, Some(lost.clone()))));
             false
         }
     }
@@ -1236,6 +1276,13 @@ mod tests {
         (Box::new(Call { work, reply }), answer)
     }
 
+    /// Runs a batch and delivers its replies at once.
+    fn run(conn: &Connection, mut batch: Vec<Box<dyn Command>>, commits: &AtomicU64) {
+        let mut outbox = Vec::new();
+        run_batch(conn, &Book::default(), &mut batch, commits, &mut outbox);
+        deliver(outbox);
+    }
+
     fn rows(conn: &Connection) -> Vec<i64> {
         let mut stmt = conn.prepare("SELECT x FROM t ORDER BY x").unwrap();
         stmt.query_map([], |r| r.get(0)).unwrap().collect::<rusqlite::Result<_>>().unwrap()
@@ -1253,7 +1300,7 @@ mod tests {
             Ok(())
         });
         let (c, mut c_answer) = command(insert(3));
-        run_batch(&conn, &Book::default(), &mut vec![a, b, c], &commits);
+        run(&conn, vec![a, b, c], &commits);
 
         assert_eq!(commits.load(Ordering::Relaxed), 1);
         assert!(a_answer.try_recv().unwrap().is_ok());
@@ -1273,7 +1320,7 @@ mod tests {
             panic!("a bug in one command");
         });
         let (c, mut c_answer) = command(insert(3));
-        run_batch(&conn, &Book::default(), &mut vec![a, b, c], &commits);
+        run(&conn, vec![a, b, c], &commits);
 
         assert!(a_answer.try_recv().unwrap().is_ok());
         assert!(c_answer.try_recv().unwrap().is_ok());
@@ -1299,7 +1346,7 @@ mod tests {
             conn.execute("INSERT INTO child (p) VALUES (42)", [])?;
             Ok(())
         });
-        run_batch(&conn, &Book::default(), &mut vec![a, b], &commits);
+        run(&conn, vec![a, b], &commits);
 
         assert_eq!(commits.load(Ordering::Relaxed), 0);
         assert!(a_answer.try_recv().unwrap().is_err());
