@@ -422,6 +422,28 @@ trait Command: Send {
     fn run(self: Box<Self>, tx: &Tx<'_>) -> Box<dyn Reply>;
     /// Answers without running (the transaction could not start).
     fn abort(self: Box<Self>, err: LedgerError);
+    /// False for a command that needs no write transaction.
+    fn writes(&self) -> bool {
+        true
+    }
+}
+
+/// Wakes the writer, which syncs with other processes and reserves ids before every
+/// batch; it writes nothing, so it opens no transaction.
+struct Wake(oneshot::Sender<Result<()>>);
+
+impl Command for Wake {
+    fn run(self: Box<Self>, _: &Tx<'_>) -> Box<dyn Reply> {
+        Box::new(Ran { result: Ok(()), reply: self.0 })
+    }
+
+    fn abort(self: Box<Self>, err: LedgerError) {
+        let _ = self.0.send(Err(err));
+    }
+
+    fn writes(&self) -> bool {
+        false
+    }
 }
 
 /// The result of a command that ran, waiting for its transaction to end.
@@ -503,6 +525,14 @@ impl Worker {
         queue.send(Box::new(Call { work, reply })).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+
+    /// Sends a [`Wake`] and waits until the writer has handled it.
+    async fn wake(&self) -> Result<()> {
+        let queue = self.queue.as_ref().ok_or_else(stopped)?;
+        let (reply, answer) = oneshot::channel();
+        queue.send(Box::new(Wake(reply))).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
 }
 
 impl Drop for Worker {
@@ -536,11 +566,9 @@ impl Checkpointer {
                     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                         tracing::warn!(error = %e, "ledger WAL checkpoint failed; will retry");
                     }
-                    // An empty command: the writer syncs before every batch. A weak
-                    // sender, so this thread never keeps the writer alive.
+                    // A weak sender, so this thread never keeps the writer alive.
                     if let Some(queue) = writer.as_ref().and_then(mpsc::WeakSender::upgrade) {
-                        let (reply, _) = oneshot::channel::<Result<()>>();
-                        let _ = queue.try_send(Box::new(Call { work: |_: &Tx<'_>| Ok(()), reply }));
+                        let _ = queue.try_send(Box::new(Wake(oneshot::channel().0)));
                     }
                 }
             })
@@ -705,6 +733,10 @@ fn run_batch(
     let mut open = false;
     let mut clean = true;
     for command in batch.drain(..) {
+        if !command.writes() {
+            outbox.push((command.run(&tx), None));
+            continue;
+        }
         if !open {
             if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
                 command.abort(e.into());
@@ -1072,8 +1104,8 @@ impl Ledger for SqliteLedger {
                     }
                     loaded = true;
                 }
-                // The writer reserves ids before each batch: an empty command is enough.
-                Attempt::NoIds => self.write(|_| Ok(())).await?,
+                // The writer reserves ids before each batch.
+                Attempt::NoIds => self.writer.wake().await?,
             }
         }
         Err(LedgerError::Unavailable("the SQLite ledger could not reserve transaction ids; retry".into()))
@@ -1308,6 +1340,21 @@ mod tests {
         assert!(c_answer.try_recv().unwrap().is_ok());
         assert_eq!(rows(&conn), [1, 3]);
         assert!(conn.is_autocommit(), "the batch transaction is closed");
+    }
+
+    #[test]
+    fn a_wake_opens_no_transaction() {
+        let conn = scratch();
+        let commits = AtomicU64::new(0);
+        let (reply, mut answer) = oneshot::channel();
+        run(&conn, vec![Box::new(Wake(reply))], &commits);
+        assert!(answer.try_recv().unwrap().is_ok());
+        assert_eq!(commits.load(Ordering::Relaxed), 0, "nothing to commit");
+        let (reply, mut woke) = oneshot::channel();
+        let (a, mut a_answer) = command(insert(1));
+        run(&conn, vec![Box::new(Wake(reply)), a], &commits);
+        assert!(woke.try_recv().unwrap().is_ok() && a_answer.try_recv().unwrap().is_ok());
+        assert_eq!((commits.load(Ordering::Relaxed), rows(&conn)), (1, vec![1]));
     }
 
     #[test]
