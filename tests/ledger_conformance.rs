@@ -25,7 +25,7 @@ pub mod suite {
     /// Enough to read every row a case writes.
     const ALL: usize = 100_000;
 
-    fn req<'a>(secret: &str, amount: Micros, request_id: &'a str) -> HoldRequest<'a> {
+    pub fn req<'a>(secret: &str, amount: Micros, request_id: &'a str) -> HoldRequest<'a> {
         HoldRequest { secret: SecretHash::of(secret), amount, route: ROUTE, request_id, spend_cap: None }
     }
 
@@ -510,10 +510,8 @@ async fn sqlite_reopen_keeps_everything() {
     let k = l.create_key(Some("durable"), Micros(50_000)).await.unwrap();
     l.credit(&k.id, Micros(1_000), Some("topup-1")).await.unwrap();
     let hold = |request_id: &'static str| {
-        let l = &l;
-        let secret = SecretHash::of(&k.key);
+        let (l, req) = (&l, suite::req(&k.key, Micros(2_000), request_id));
         async move {
-            let req = HoldRequest { secret, amount: Micros(2_000), route: "/r", request_id, spend_cap: None };
             match l.authorize(req).await.unwrap() {
                 HoldOutcome::Held { hold, .. } => hold,
                 other => panic!("{other:?}"),
@@ -581,13 +579,7 @@ async fn sqlite_holds_outlast_a_block_of_ids() {
     let mut ids = std::collections::HashSet::new();
     for i in 0..n {
         let request_id = format!("many-{i}");
-        let req = HoldRequest {
-            secret: SecretHash::of(&k.key),
-            amount: Micros(1),
-            route: "/r",
-            request_id: &request_id,
-            spend_cap: None,
-        };
+        let req = suite::req(&k.key, Micros(1), &request_id);
         let HoldOutcome::Held { hold, balance, .. } = l.authorize(req).await.unwrap() else { panic!("hold {i}") };
         assert_eq!(balance, Micros(1_000_000_000 - i as u64 - 1));
         assert!(ids.insert(hold.0), "hold id {} given twice", hold.0);
@@ -604,13 +596,7 @@ async fn sqlite_follows_changes_made_by_another_process() {
     let path = dir.path().join("ledger.db");
     let gateway = open(&path);
     let k = gateway.create_key(None, Micros(3_000)).await.unwrap();
-    let req = |request_id| HoldRequest {
-        secret: SecretHash::of(&k.key),
-        amount: Micros(2_000),
-        route: "/r",
-        request_id,
-        spend_cap: None,
-    };
+    let req = |request_id| suite::req(&k.key, Micros(2_000), request_id);
     let HoldOutcome::Held { hold: first, .. } = gateway.authorize(req("a")).await.unwrap() else { panic!() };
     assert!(matches!(gateway.authorize(req("b")).await.unwrap(), HoldOutcome::Insufficient { .. }));
 
@@ -687,13 +673,7 @@ fn sqlite_crash_child() {
         let k = l.create_key(Some("crash"), Micros(1_000_000)).await.unwrap();
         for i in 0..10 {
             let request_id = format!("crash-{i}");
-            let req = HoldRequest {
-                secret: SecretHash::of(&k.key),
-                amount: Micros(1_000),
-                route: "/r",
-                request_id: &request_id,
-                spend_cap: None,
-            };
+            let req = suite::req(&k.key, Micros(1_000), &request_id);
             let HoldOutcome::Held { hold, .. } = l.authorize(req).await.unwrap() else { panic!() };
             match i {
                 0..=5 => assert!(l.capture(hold).await.unwrap()),
