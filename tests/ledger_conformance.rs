@@ -587,6 +587,29 @@ async fn sqlite_holds_outlast_a_block_of_ids() {
     assert_eq!(l.transactions(Some(&k.id), usize::MAX).await.unwrap().len(), n + 1);
 }
 
+/// A capture the database refuses (here the balance was lowered behind the gateway's
+/// back, by hand) is an error, charges nothing, and does not leave its amount held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_failed_capture_frees_its_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let l = open(&path);
+    let k = l.create_key(None, Micros(3_000)).await.unwrap();
+    let HoldOutcome::Held { hold, .. } = l.authorize(suite::req(&k.key, Micros(2_000), "a")).await.unwrap() else {
+        panic!()
+    };
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("UPDATE keys SET balance = 1000 WHERE id = ?1", [&k.id]).unwrap();
+    drop(conn);
+
+    assert!(matches!(l.capture(hold).await, Err(LedgerError::Other(_))));
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(1_000), "nothing charged, nothing held");
+    let again = l.authorize(suite::req(&k.key, Micros(1_000), "b")).await.unwrap();
+    assert!(matches!(again, HoldOutcome::Held { balance: Micros::ZERO, .. }), "{again:?}");
+    let rows = l.transactions(Some(&k.id), 10).await.unwrap();
+    assert!(rows.iter().all(|t| t.status.as_deref() != Some("captured")));
+}
+
 /// `tollgate keys credit` / `revoke` run as another process while the gateway serves:
 /// the gateway's cached balances must follow, and rows the other process writes must
 /// never take an id the gateway handed to an open hold.

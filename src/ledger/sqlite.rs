@@ -890,9 +890,19 @@ fn insert_refund(
     Ok(())
 }
 
-/// Captures an open hold: the conditional debit (the database has the last word on
-/// the balance) and its `captured` row, numbered as the hold was. Returns the balance.
-fn capture_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold) -> Result<Micros> {
+/// Captures `hold` if it is open in the book (`None` if not). The book forgets it
+/// either way: captured, or failed, when nothing was debited and the caller withholds
+/// the response (keeping it would keep its amount held until a restart).
+fn capture_open(tx: &Tx<'_>, hold: HoldId) -> Option<Result<()>> {
+    let h = tx.book.begin_close(hold)?;
+    let captured = debit_open(tx, hold, &h);
+    tx.book.close(hold, captured.as_ref().ok().copied());
+    Some(captured.map(|_| ()))
+}
+
+/// The conditional debit of an open hold (the database has the last word on the
+/// balance) and its `captured` row, numbered as the hold was. Returns the balance.
+fn debit_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold) -> Result<Micros> {
     let amount = to_db(h.amount)?;
     let balance = tx
         .prepare_cached("UPDATE keys SET balance = balance - ?2 WHERE id = ?1 AND balance >= ?2 RETURNING balance")?
@@ -909,9 +919,21 @@ fn capture_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold) -> Result<Micros> {
     Ok(balance)
 }
 
-/// Releases an open hold: nothing was debited, so it leaves a `released` debit and
+/// Releases `hold` if it is open in the book (`None` if not). If writing the release
+/// fails, the hold stays open: a retry or the stale-hold sweep releases it.
+fn release_open(tx: &Tx<'_>, hold: HoldId, now: i64) -> Option<Result<()>> {
+    let h = tx.book.begin_close(hold)?;
+    let released = write_release(tx, hold, &h, now);
+    match released {
+        Ok(()) => tx.book.close(hold, None),
+        Err(_) => tx.book.reopen(hold),
+    }
+    Some(released)
+}
+
+/// Nothing was debited for an open hold, so its release leaves a `released` debit and
 /// its `refund`, which cancel out.
-fn release_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, now: i64) -> Result<()> {
+fn write_release(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, now: i64) -> Result<()> {
     let amount = to_db(h.amount)?;
     tx.prepare_cached(
         "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status, created_at)
@@ -919,23 +941,6 @@ fn release_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, now: i64) -> Result<()>
     )?
     .execute(params![hold.0, &*h.key_id, amount, &*h.route, &*h.request_id, h.created_at])?;
     insert_refund(tx, &h.key_id, amount, Some(&h.route), Some(&h.request_id), now)
-}
-
-/// Closes an open hold on the writer with `write`; the book forgets it once written
-/// (or, for a capture that failed, too: its caller withholds the response).
-fn close_open<T>(
-    tx: &Tx<'_>,
-    hold: HoldId,
-    write: impl FnOnce(&OpenHold) -> Result<T>,
-    keep_on_error: bool,
-) -> Option<Result<T>> {
-    let h = tx.book.begin_close(hold)?;
-    let result = write(&h);
-    match &result {
-        Err(_) if keep_on_error => tx.book.reopen(hold),
-        _ => {}
-    }
-    Some(result)
 }
 
 fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
@@ -1113,10 +1118,8 @@ impl Ledger for SqliteLedger {
 
     async fn capture(&self, hold: HoldId) -> Result<bool> {
         self.write(move |tx| {
-            if let Some(captured) = close_open(tx, hold, |h| capture_open(tx, hold, h), false) {
-                let balance = captured?;
-                tx.book.close(hold, Some(balance));
-                return Ok(true);
+            if let Some(captured) = capture_open(tx, hold) {
+                return captured.map(|()| true);
             }
             // Not open: a `pending` row of an older version, or already closed.
             let n = tx
@@ -1136,10 +1139,8 @@ impl Ledger for SqliteLedger {
 
     async fn release(&self, hold: HoldId) -> Result<()> {
         self.write(move |tx| {
-            if let Some(released) = close_open(tx, hold, |h| release_open(tx, hold, h, now()), true) {
-                released?;
-                tx.book.close(hold, None);
-                return Ok(());
+            if let Some(released) = release_open(tx, hold, now()) {
+                return released;
             }
             // Already released or captured: nothing to do (idempotent).
             if !release_pending(tx, hold.0, now())? && !is_debit(tx, hold)? {
@@ -1173,9 +1174,8 @@ impl Ledger for SqliteLedger {
                 }
             }
             for hold in tx.book.taken_before(cutoff) {
-                if let Some(done) = close_open(tx, hold, |h| release_open(tx, hold, h, now), true) {
+                if let Some(done) = release_open(tx, hold, now) {
                     done?;
-                    tx.book.close(hold, None);
                     released += 1;
                 }
             }
