@@ -265,9 +265,15 @@ impl PostgresLedger {
         }
     }
 
-    /// Sends `job` to a batcher and waits for its answer.
-    async fn batched<J, T>(&self, queue: &mpsc::Sender<J>, job: J, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
-        let stopped = || LedgerError::Unavailable("the PostgreSQL ledger's batcher stopped".into());
+    /// Sends `job` to one of the batchers and waits for its answer.
+    async fn batched<J, T>(
+        &self,
+        queue: impl FnOnce(&Batchers) -> &mpsc::Sender<J>,
+        job: J,
+        answer: oneshot::Receiver<Result<T>>,
+    ) -> Result<T> {
+        let stopped = || LedgerError::Unavailable("the PostgreSQL ledger's batchers stopped; restart tollgate".into());
+        let queue = self.batchers.as_ref().map(queue).ok_or_else(stopped)?;
         queue.send(job).await.map_err(|_| stopped())?;
         // The batcher bounds each batch by the operation timeout; a job may wait for
         // the batch before its own.
@@ -816,24 +822,10 @@ impl Ledger for PostgresLedger {
         }
         let HoldRequest { secret, amount: requested, route, request_id, spend_cap } = req;
         let secret_bytes = &secret.0[..];
-        if let (None, Some(b)) = (spend_cap, &self.batchers) {
+        let Some((cap, window)) = spend_cap else {
             let (reply, answer) = oneshot::channel();
             let job = HoldJob { secret, amount, route: route.to_owned(), request_id: request_id.to_owned(), reply };
-            return self.batched(&b.holds, job, answer).await;
-        }
-        let Some((cap, window)) = spend_cap else {
-            return self
-                .run(async |c| {
-                    let stmt = c.prepare_cached(HOLD).await?;
-                    match c.query_opt(&stmt, &[&amount, &secret_bytes, &route, &request_id]).await? {
-                        Some(row) => held(&row),
-                        None => {
-                            let stmt = c.prepare_cached(KEY_BY_SECRET).await?;
-                            refusal(c.query_opt(&stmt, &[&secret_bytes]).await?)
-                        }
-                    }
-                })
-                .await;
+            return self.batched(|b| &b.holds, job, answer).await;
         };
         let window = seconds(window);
         self.run(async |c| {
@@ -878,28 +870,8 @@ impl Ledger for PostgresLedger {
     /// Captures are batched (see `capture_loop`): while one batch's statement runs,
     /// the next batch gathers, so under load many captures share one commit.
     async fn capture(&self, hold: HoldId) -> Result<bool> {
-        if let Some(b) = &self.batchers {
-            let (reply, answer) = oneshot::channel();
-            return self.batched(&b.captures, (hold, reply), answer).await;
-        }
-        self.run(async |c| {
-            let stmt = c
-                .prepare_cached(
-                    "UPDATE transactions SET status = 'captured'
-                     WHERE id = $1 AND kind = 'debit' AND status = 'pending'",
-                )
-                .await?;
-            if c.execute(&stmt, &[&hold.0]).await? == 1 {
-                return Ok(true);
-            }
-            // Already captured (idempotent) or already released (too late to charge).
-            let stmt = c.prepare_cached("SELECT status FROM transactions WHERE id = $1 AND kind = 'debit'").await?;
-            match c.query_opt(&stmt, &[&hold.0]).await? {
-                Some(row) => Ok(row.try_get::<_, &str>(0)? == "captured"),
-                None => Err(no_hold(hold)),
-            }
-        })
-        .await
+        let (reply, answer) = oneshot::channel();
+        self.batched(|b| &b.captures, (hold, reply), answer).await
     }
 
     async fn release(&self, hold: HoldId) -> Result<()> {

@@ -909,7 +909,11 @@ fn debit_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold) -> Result<Micros> {
         .query_row(params![&*h.key_id, amount], |r| Ok(Micros(r.get(0)?)))
         .optional()?
         .ok_or_else(|| {
-            LedgerError::Other(format!("the balance of key {} no longer covers hold {}", h.key_id, hold.0))
+            LedgerError::Other(format!(
+                "the balance of key {} no longer covers hold {}: was the ledger file changed by something \
+                 other than tollgate? nothing was charged",
+                h.key_id, hold.0
+            ))
         })?;
     tx.prepare_cached(
         "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status, created_at)
