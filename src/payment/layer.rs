@@ -192,9 +192,14 @@ impl PaymentGate {
         let price = route.price.unwrap_or_default();
         let path = req.uri().path().to_owned();
         let html = challenge::prefers_html(req.headers());
-        let resource = format!("{}{path}", self.public_base);
-        let charge =
-            Charge { route, price, request_id: &ctx.request_id, client_ip: ctx.client_ip, resource: &resource };
+        let charge = Charge {
+            route,
+            price,
+            request_id: &ctx.request_id,
+            client_ip: ctx.client_ip,
+            public_base: &self.public_base,
+            path: &path,
+        };
         let gate = self.routes.get(&route.index);
 
         if let Some(Err(secs)) = gate.and_then(|g| g.per_ip.as_ref()).map(|l| l.check(ctx.client_ip)) {

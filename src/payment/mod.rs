@@ -134,8 +134,17 @@ pub struct Charge<'a> {
     pub price: Micros,
     pub request_id: &'a str,
     pub client_ip: IpAddr,
-    /// The resource URL (public base + path), used by x402.
-    pub resource: &'a str,
+    /// `server.public_url` without a trailing slash, and the request path: together the
+    /// resource URL, which only x402 needs (built on demand by [`Charge::resource`]).
+    pub public_base: &'a str,
+    pub path: &'a str,
+}
+
+impl Charge<'_> {
+    /// The resource URL (public base + path).
+    pub fn resource(&self) -> String {
+        format!("{}{}", self.public_base, self.path)
+    }
 }
 
 /// A rail's part of a 402: members of the problem body and response headers.

@@ -237,7 +237,7 @@ impl X402 {
 fn resource_info(charge: &Charge<'_>) -> ResourceInfo {
     let cfg = &charge.route.config;
     ResourceInfo {
-        url: charge.resource.to_owned(),
+        url: charge.resource(),
         description: cfg.description.clone().unwrap_or_else(|| format!("Access to route {}", charge.route.name)),
         mime_type: cfg.mime_type.clone().unwrap_or_else(|| "application/json".to_owned()),
     }
