@@ -163,12 +163,22 @@ print(f"{rps:.0f} {p50:.0f} {p99:.0f}")
 PY
 }
 
-declare -A RPS P50 P99
+# "busy idle" jiffies of one core, from /proc/stat (idle = idle + iowait).
+core_ticks() { awk -v c="cpu$1" '$1 == c { b = 0; for (i = 2; i <= NF; i++) b += $i; print b - $5 - $6, $5 + $6 }' /proc/stat; }
+# Share of a core that was busy between two core_ticks samples, in percent.
+busy_pct() { # "busy0 idle0" "busy1 idle1"
+  python3 -c 'import sys; b0, i0 = map(int, sys.argv[1].split()); b1, i1 = map(int, sys.argv[2].split()); t = (b1 - b0) + (i1 - i0); print(round(100 * (b1 - b0) / t) if t else 0)' "$1" "$2"
+}
+
+declare -A RPS P50 P99 BUSY0 BUSY1
 measure() { # name url [lua script]
+  local c0 c1
+  c0=$(core_ticks $PROXY_CORE); c1=$(core_ticks $LOAD_CORE)
   read -r r _ _ < <(run_wrk $CONNS "$DUR" "$2" "${3:-}")
+  BUSY0[$1]=$(busy_pct "$c0" "$(core_ticks $PROXY_CORE)"); BUSY1[$1]=$(busy_pct "$c1" "$(core_ticks $LOAD_CORE)")
   read -r _ a b < <(run_wrk 1 "$LAT_DUR" "$2" "${3:-}")
   RPS[$1]=$r; P50[$1]=$a; P99[$1]=$b
-  echo "  $1: $r req/s, p50 ${a}µs, p99 ${b}µs" >&2
+  echo "  $1: $r req/s (proxy core ${BUSY0[$1]}% busy, load core ${BUSY1[$1]}%), p50 ${a}µs, p99 ${b}µs" >&2
 }
 echo "measuring (${DUR}s saturated, ${LAT_DUR}s unloaded each)…" >&2
 measure direct "http://127.0.0.1:$ORIGIN/x"
@@ -188,11 +198,9 @@ taskset -c $PROXY_CORE $TG run --config "$WORK/tgp.toml" 2>"$WORK/tgp.err" & TGP
 wait_port $TGP_PORT; sleep 0.5
 measure tollgate_credits_postgres "http://127.0.0.1:$TGP_PORT/paid/x" "$PKEY_LUA"
 
-python3 - "$IDLE_RSS" "$MAXRSS" \
-  "${RPS[direct]} ${P50[direct]} ${P99[direct]}" "${RPS[nginx]} ${P50[nginx]} ${P99[nginx]}" \
-  "${RPS[tollgate_free]} ${P50[tollgate_free]} ${P99[tollgate_free]}" \
-  "${RPS[tollgate_credits_sqlite]} ${P50[tollgate_credits_sqlite]} ${P99[tollgate_credits_sqlite]}" \
-  "${RPS[tollgate_credits_postgres]} ${P50[tollgate_credits_postgres]} ${P99[tollgate_credits_postgres]}" <<'PY'
+row() { echo "${RPS[$1]} ${P50[$1]} ${P99[$1]} ${BUSY0[$1]} ${BUSY1[$1]}"; }
+python3 - "$IDLE_RSS" "$MAXRSS" "$(row direct)" "$(row nginx)" "$(row tollgate_free)" \
+  "$(row tollgate_credits_sqlite)" "$(row tollgate_credits_postgres)" <<'PY'
 import sys, subprocess, datetime, platform
 idle, maxrss = int(sys.argv[1]), int(sys.argv[2])
 rows = ["direct (no proxy)", "nginx (plain proxy)", "tollgate free route", "tollgate credits (SQLite)", "tollgate credits (PostgreSQL)"]
@@ -202,14 +210,18 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 ver = subprocess.run(["target/release/tollgate", "--version"], capture_output=True, text=True).stdout.strip()
 ngv = subprocess.run(["sh", "-c", "nginx -v 2>&1 || /usr/sbin/nginx -v 2>&1"], capture_output=True, text=True).stdout.strip()
 print(f"\n{datetime.date.today()} · {cpu} · {ver} · {ngv} · proxies pinned to 1 core, wrk + origin on the other\n")
-print("| path | req/s (64 conns) | × nginx | p50 µs (1 conn) | p99 µs | added p50 µs | added p99 µs |")
-print("|---|---:|---:|---:|---:|---:|---:|")
-for name, (r, p50, p99) in zip(rows, vals):
-    ratio = "—" if name.startswith("direct") else f"{r/ng:.2f}"
-    add50 = "—" if name.startswith("direct") else f"{p50-d50:.0f}"
-    add99 = "—" if name.startswith("direct") else f"{p99-d99:.0f}"
-    print(f"| {name} | {r:.0f} | {ratio} | {p50:.0f} | {p99:.0f} | {add50} | {add99} |")
+print("| path | req/s (64 conns) | × nginx | proxy core busy | load core busy | proxy core µs/req | p50 µs (1 conn) | p99 µs | added p50 µs | added p99 µs |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for name, (r, p50, p99, b0, b1) in zip(rows, vals):
+    direct = name.startswith("direct")
+    ratio = "—" if direct else f"{r/ng:.2f}"
+    add50 = "—" if direct else f"{p50-d50:.0f}"
+    add99 = "—" if direct else f"{p99-d99:.0f}"
+    cost = "—" if direct else f"{b0 / 100 * 1e6 / r:.1f}"
+    print(f"| {name} | {r:.0f} | {ratio} | {b0:.0f}% | {b1:.0f}% | {cost} | {p50:.0f} | {p99:.0f} | {add50} | {add99} |")
 import os
+print("\nproxy core µs/req: the proxy core's busy time per request at saturation (its cost per request; a")
+print("proxy core below 100% busy means the bound was elsewhere, e.g. the load core running wrk, the origin and PostgreSQL).")
 print(f"\nPaying clients use {os.environ.get('KEYS', '64')} API keys round-robin; PostgreSQL 15 on the same machine, synchronous_commit={os.environ.get('PG_SYNC_COMMIT', 'on')}")
 print(f"tollgate RSS: idle {idle/1024:.1f} MB; max while streaming 1 GB {maxrss/1024:.1f} MB")
 PY

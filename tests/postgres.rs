@@ -425,6 +425,48 @@ async fn concurrent_captures_are_batched_and_answered_one_by_one() {
     assert_eq!(captured, 180);
 }
 
+/// Captures look holds up by primary key, however many captured holds the partial
+/// index of pending holds still lists (dead entries stay there until a vacuum): with
+/// `status = 'pending'` in the statement the planner chose that index and every batch
+/// scanned every hold captured since the last vacuum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captures_use_the_primary_key_not_the_pending_index() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let l = ledger(&url).await;
+    let k = l.create_key(None, Micros(3_000 * PRICE)).await.unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|t| {
+            let (l, key) = (l.clone(), k.key.clone());
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    let HoldOutcome::Held { hold: h, .. } = hold(&l, &key, &format!("bloat-{t}-{i}"), None).await
+                    else {
+                        panic!("hold refused")
+                    };
+                    assert!(l.capture(h).await.unwrap());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    // What autovacuum's analyze would find: 2,000 debits, none of them pending.
+    c.batch_execute("ANALYZE transactions").await.unwrap();
+    let ids: Vec<i64> = vec![1, 2, 3];
+    let explain = format!("EXPLAIN {}", tollgate::ledger::postgres::CAPTURE_MANY);
+    let rows = c.query(explain.as_str(), &[&ids]).await.unwrap();
+    let plan: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("transactions_pkey"), "capture does not use the primary key: {plan}");
+    assert!(!plan.contains("transactions_pending"), "capture scans the pending index: {plan}");
+    drop(c);
+    let _ = conn.await;
+}
+
 // === faults ===
 
 /// The database stops: paid requests fail closed with 503 and `/readyz` fails; it

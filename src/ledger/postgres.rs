@@ -32,8 +32,14 @@
 //! - **spend cap**: the key row is locked (`SELECT … FOR UPDATE`) in the transaction
 //!   that sums the window's spending and takes the hold, so two replicas cannot both
 //!   spend the last room under the cap.
-//! - **capture / release**: `UPDATE … WHERE status = 'pending'`; the release, the
-//!   refund row and the balance update are one statement.
+//! - **capture / release**: `UPDATE … WHERE id = … AND status NOT IN ('captured',
+//!   'released')`, i.e. still pending; the release, the refund row and the balance
+//!   update are one statement. The test is deliberately not written `status =
+//!   'pending'`: that would match the partial index `transactions_pending`, which the
+//!   planner then prefers to the primary key although it holds an entry for every hold
+//!   captured since the last vacuum (at 10k paid requests/s, each batch of captures
+//!   scanned some 50,000 dead entries and 1,250 heap pages: 80 µs of database time per
+//!   capture instead of a few).
 //! - **stale holds**: pending holds are locked `FOR UPDATE SKIP LOCKED`, so replicas
 //!   sweeping at once split the work and never refund a hold twice; the keys to refund
 //!   are then locked in id order, so two sweeps cannot deadlock.
@@ -341,13 +347,7 @@ impl PostgresLedger {
     /// are no debit are missing from the answer.
     async fn capture_many(&self, holds: &[i64]) -> Result<HashMap<i64, bool>> {
         self.run(async |c| {
-            let stmt = c
-                .prepare_cached(
-                    "UPDATE transactions SET status = 'captured'
-                     WHERE id = ANY($1) AND kind = 'debit' AND status = 'pending'
-                     RETURNING id",
-                )
-                .await?;
+            let stmt = c.prepare_cached(CAPTURE_MANY).await?;
             let mut outcome = HashMap::with_capacity(holds.len());
             for row in c.query(&stmt, &[&holds]).await? {
                 outcome.insert(row.try_get::<_, i64>(0)?, true);
@@ -662,13 +662,21 @@ const HOLD_MANY: &str = "
     )
     SELECT slot, hold_id, key_id, (before - upto)::bigint FROM granted";
 
+/// Captures the pending holds among `$1` (hold ids); returns the ids captured. Still
+/// pending is tested as `NOT IN ('captured', 'released')`, not `= 'pending'`, so that
+/// the planner looks the ids up by primary key (see the module documentation).
+pub const CAPTURE_MANY: &str = "
+    UPDATE transactions SET status = 'captured'
+    WHERE id = ANY($1) AND kind = 'debit' AND status NOT IN ('captured', 'released')
+    RETURNING id";
+
 const KEY_BY_SECRET: &str = "SELECT id, revoked, balance FROM keys WHERE secret_hash = $1";
 
 /// Releases one pending hold: status, balance and `refund` row in one statement.
 const RELEASE: &str = "
     WITH released AS (
         UPDATE transactions SET status = 'released'
-        WHERE id = $1 AND kind = 'debit' AND status = 'pending'
+        WHERE id = $1 AND kind = 'debit' AND status NOT IN ('captured', 'released')
         RETURNING key_id, amount, route, request_id
     ), refunded AS (
         UPDATE keys SET balance = keys.balance + released.amount
@@ -918,7 +926,7 @@ impl Ledger for PostgresLedger {
                 .prepare_cached(
                     "WITH released AS (
                          UPDATE transactions SET status = 'released'
-                         WHERE id = ANY($1) AND kind = 'debit' AND status = 'pending'
+                         WHERE id = ANY($1) AND kind = 'debit' AND status NOT IN ('captured', 'released')
                          RETURNING id, key_id, amount, route, request_id
                      ), per_key AS (
                          SELECT key_id, sum(amount)::bigint AS amount FROM released GROUP BY key_id
