@@ -170,12 +170,21 @@ busy_pct() { # "busy0 idle0" "busy1 idle1"
   python3 -c 'import sys; b0, i0 = map(int, sys.argv[1].split()); b1, i1 = map(int, sys.argv[2].split()); t = (b1 - b0) + (i1 - i0); print(round(100 * (b1 - b0) / t) if t else 0)' "$1" "$2"
 }
 
-declare -A RPS P50 P99 BUSY0 BUSY1
+# CPU clock ticks (user + system) used so far by the PostgreSQL cluster (postmaster
+# PG_PM and its children), once PG_PM is set.
+pg_ticks() {
+  [ -n "${PG_PM:-}" ] || { echo 0; return; }
+  cat /proc/"$PG_PM"/stat $(pgrep -P "$PG_PM" | sed 's#.*#/proc/&/stat#') 2>/dev/null | awk '{ t += $14 + $15 } END { print t + 0 }'
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+declare -A RPS P50 P99 BUSY0 BUSY1 PG_US
 measure() { # name url [lua script]
-  local c0 c1
-  c0=$(core_ticks $PROXY_CORE); c1=$(core_ticks $LOAD_CORE)
+  local c0 c1 p0
+  c0=$(core_ticks $PROXY_CORE); c1=$(core_ticks $LOAD_CORE); p0=$(pg_ticks)
   read -r r _ _ < <(run_wrk $CONNS "$DUR" "$2" "${3:-}")
   BUSY0[$1]=$(busy_pct "$c0" "$(core_ticks $PROXY_CORE)"); BUSY1[$1]=$(busy_pct "$c1" "$(core_ticks $LOAD_CORE)")
+  PG_US[$1]=$(( ($(pg_ticks) - p0) * 1000000 / CLK_TCK / (r * DUR > 0 ? r * DUR : 1) ))
   read -r _ a b < <(run_wrk 1 "$LAT_DUR" "$2" "${3:-}")
   RPS[$1]=$r; P50[$1]=$a; P99[$1]=$b
   echo "  $1: $r req/s (proxy core ${BUSY0[$1]}% busy, load core ${BUSY1[$1]}%), p50 ${a}µs, p99 ${b}µs" >&2
@@ -196,8 +205,10 @@ kill $TG_PID; wait $TG_PID 2>/dev/null || true
 
 taskset -c $PROXY_CORE $TG run --config "$WORK/tgp.toml" 2>"$WORK/tgp.err" & TGP_PID=$!; PIDS+=($TGP_PID)
 wait_port $TGP_PORT; sleep 0.5
+PG_PM=$(head -1 "$PGDATA_DIR/postmaster.pid")
 measure tollgate_credits_postgres "http://127.0.0.1:$TGP_PORT/paid/x" "$PKEY_LUA"
 
+export PG_CPU_US=${PG_US[tollgate_credits_postgres]}
 row() { echo "${RPS[$1]} ${P50[$1]} ${P99[$1]} ${BUSY0[$1]} ${BUSY1[$1]}"; }
 python3 - "$IDLE_RSS" "$MAXRSS" "$(row direct)" "$(row nginx)" "$(row tollgate_free)" \
   "$(row tollgate_credits_sqlite)" "$(row tollgate_credits_postgres)" <<'PY'
@@ -223,5 +234,6 @@ import os
 print("\nproxy core µs/req: the proxy core's busy time per request at saturation (its cost per request; a")
 print("proxy core below 100% busy means the bound was elsewhere, e.g. the load core running wrk, the origin and PostgreSQL).")
 print(f"\nPaying clients use {os.environ.get('KEYS', '64')} API keys round-robin; PostgreSQL 15 on the same machine, synchronous_commit={os.environ.get('PG_SYNC_COMMIT', 'on')}")
+print(f"PostgreSQL's own CPU per paid request (all its processes, saturated run): {os.environ['PG_CPU_US']} µs")
 print(f"tollgate RSS: idle {idle/1024:.1f} MB; max while streaming 1 GB {maxrss/1024:.1f} MB")
 PY
