@@ -467,6 +467,71 @@ async fn captures_use_the_primary_key_not_the_pending_index() {
     let _ = conn.await;
 }
 
+/// `seq_scan` and `idx_scan` of `transactions`, once every backend has published its
+/// statistics (an idle backend does so within 10 s: `PGSTAT_IDLE_INTERVAL`).
+async fn table_scans(c: &tokio_postgres::Client) -> (i64, i64) {
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    // The statistics are read from a snapshot cached per transaction: start afresh.
+    c.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+    let sql = "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'transactions'";
+    let row = c.query_one(sql, &[]).await.unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// A capture is planned for the ids at hand, not from a cached generic plan: one made
+/// while the ledger was new and `transactions` tiny is a sequential scan, which then
+/// read the whole table for every capture as it grew (5 ms per capture at 50,000 rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captures_stay_on_the_primary_key_as_the_ledger_grows() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    // One connection, so that it runs every capture and caches any generic plan.
+    let l = Arc::new(PostgresLedger::connect(&url, PostgresOptions { pool_size: 1, ..opts() }).await.unwrap());
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    // No autovacuum: its ANALYZE would replace stale plans and hide the defect.
+    c.batch_execute("ALTER TABLE transactions SET (autovacuum_enabled = false)").await.unwrap();
+    let k = l.create_key(None, Micros(1_000 * PRICE)).await.unwrap();
+    let grow = async |rows: i32| {
+        let sql = "INSERT INTO transactions (key_id, kind, amount) SELECT $1, 'credit', 1 FROM generate_series(1, $2)";
+        c.execute(sql, &[&k.id, &rows]).await.unwrap();
+    };
+    // A young ledger: a few pages.
+    grow(300).await;
+    // Rounds of 20 holds captured at once: captures batched as under load.
+    let rounds = async |tag: &str| {
+        for round in 0..10 {
+            let mut holds = Vec::new();
+            for i in 0..20 {
+                let HoldOutcome::Held { hold: h, .. } = hold(&l, &k.key, &format!("{tag}-{round}-{i}"), None).await
+                else {
+                    panic!("hold refused")
+                };
+                holds.push(h);
+            }
+            let captures: Vec<_> = holds
+                .into_iter()
+                .map(|h| {
+                    let l = l.clone();
+                    tokio::spawn(async move { l.capture(h).await })
+                })
+                .collect();
+            for c in captures {
+                assert!(c.await.unwrap().unwrap());
+            }
+        }
+    };
+    rounds("young").await;
+    grow(50_000).await;
+    let (seq_before, idx_before) = table_scans(&c).await;
+    rounds("grown").await;
+    let (seq_after, idx_after) = table_scans(&c).await;
+    assert!(idx_after - idx_before >= 10, "captures did not show in the statistics: {idx_before} → {idx_after}");
+    assert_eq!(seq_after, seq_before, "captures scanned the whole table {} times", seq_after - seq_before);
+    drop(c);
+    let _ = conn.await;
+}
+
 // === faults ===
 
 /// The database stops: paid requests fail closed with 503 and `/readyz` fails; it
