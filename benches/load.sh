@@ -13,6 +13,11 @@
 # Talks only to 127.0.0.1; every process it starts is stopped by PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "benches/load.sh must run as root: it installs nginx, wrk and PostgreSQL with apt-get when" >&2
+  echo "missing, and runs a throwaway PostgreSQL cluster as the postgres user. Use a disposable VM or container." >&2
+  exit 2
+fi
 DUR=${1:-10}
 export PG_SYNC_COMMIT=${PG_SYNC_COMMIT:-on}
 LAT_DUR=${LAT_DUR:-5}
