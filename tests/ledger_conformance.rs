@@ -610,6 +610,40 @@ async fn sqlite_failed_capture_frees_its_hold() {
     assert!(rows.iter().all(|t| t.status.as_deref() != Some("captured")));
 }
 
+/// Hold ids run out while another process keeps a write transaction open on the file
+/// (an `sqlite3` shell left in `BEGIN IMMEDIATE`), so the writer cannot reserve more:
+/// holds fail closed with a message that says why, hold nothing, and work again once
+/// the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_out_of_ids_under_a_foreign_lock_fails_closed_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let opts = SqliteOptions { busy_timeout: Duration::from_millis(50), ..SqliteOptions::default() };
+    let l = SqliteLedger::open(&path, opts).unwrap();
+    let k = l.create_key(None, Micros(1_000_000)).await.unwrap();
+    // The key is cached by its first hold; later holds need no database round trip.
+    assert!(matches!(l.authorize(suite::req(&k.key, Micros(1), "first")).await, Ok(HoldOutcome::Held { .. })));
+    let foreign = rusqlite::Connection::open(&path).unwrap();
+    foreign.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let mut held = 1u64;
+    let refusal = loop {
+        assert!(held < 10_000, "ids never ran out");
+        match l.authorize(suite::req(&k.key, Micros(1), "id")).await {
+            Ok(HoldOutcome::Held { .. }) => held += 1,
+            Err(LedgerError::Unavailable(m)) => break m,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(held >= 3_000, "the first block of ids was used: {held}");
+    assert!(refusal.contains("another process holding a write transaction"), "{refusal}");
+    // The refused request holds nothing: the balance shown is net of the open holds.
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(1_000_000 - held));
+
+    foreign.execute_batch("ROLLBACK").unwrap();
+    assert!(matches!(l.authorize(suite::req(&k.key, Micros(1), "after")).await, Ok(HoldOutcome::Held { .. })));
+}
+
 /// `tollgate keys credit` / `revoke` run as another process while the gateway serves:
 /// the gateway's cached balances must follow, and rows the other process writes must
 /// never take an id the gateway handed to an open hold.

@@ -328,7 +328,7 @@ impl SqliteLedger {
             match tx.book.try_hold(&secret, requested, &route, &request_id, now) {
                 Attempt::Decided(outcome) => Ok(outcome),
                 Attempt::Miss => Ok(HoldOutcome::UnknownKey),
-                Attempt::NoIds => Err(LedgerError::Unavailable("no transaction ids left; retry".into())),
+                Attempt::NoIds => Err(no_ids()),
             }
         })
         .await
@@ -838,6 +838,16 @@ fn debit_status(conn: &Connection, hold: HoldId) -> Result<Option<String>> {
     Ok(status)
 }
 
+/// The writer could not reserve more transaction ids (see the `cannot reserve
+/// transaction ids` warning in the log for why).
+fn no_ids() -> LedgerError {
+    LedgerError::Unavailable(
+        "the SQLite ledger could not reserve transaction ids: is another process holding a write transaction \
+         on the ledger file, or is the disk full? Nothing was held; retry"
+            .into(),
+    )
+}
+
 fn no_hold(hold: HoldId) -> LedgerError {
     LedgerError::Other(format!("no hold with id {}", hold.0))
 }
@@ -920,12 +930,19 @@ fn debit_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold) -> Result<Micros> {
                 h.key_id, hold.0
             ))
         })?;
+    insert_closed_debit(tx, hold, h, amount, "captured")?;
+    Ok(balance)
+}
+
+/// The debit row of an open hold being closed (`captured` or `released`), numbered as
+/// the hold was and stamped with the time it was taken.
+fn insert_closed_debit(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, amount: i64, status: &str) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status, created_at)
-         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, 'captured', ?6)",
+         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, ?6, ?7)",
     )?
-    .execute(params![hold.0, &*h.key_id, amount, &*h.route, &*h.request_id, h.created_at])?;
-    Ok(balance)
+    .execute(params![hold.0, &*h.key_id, amount, &*h.route, &*h.request_id, status, h.created_at])?;
+    Ok(())
 }
 
 /// Releases `hold` if it is open in the book (`None` if not). If writing the release
@@ -944,11 +961,7 @@ fn release_open(tx: &Tx<'_>, hold: HoldId, now: i64) -> Option<Result<()>> {
 /// its `refund`, which cancel out.
 fn write_release(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, now: i64) -> Result<()> {
     let amount = to_db(h.amount)?;
-    tx.prepare_cached(
-        "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status, created_at)
-         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, 'released', ?6)",
-    )?
-    .execute(params![hold.0, &*h.key_id, amount, &*h.route, &*h.request_id, h.created_at])?;
+    insert_closed_debit(tx, hold, h, amount, "released")?;
     insert_refund(tx, &h.key_id, amount, Some(&h.route), Some(&h.request_id), now)
 }
 
@@ -1122,7 +1135,7 @@ impl Ledger for SqliteLedger {
                 Attempt::NoIds => self.writer.wake().await?,
             }
         }
-        Err(LedgerError::Unavailable("the SQLite ledger could not reserve transaction ids; retry".into()))
+        Err(no_ids())
     }
 
     async fn capture(&self, hold: HoldId) -> Result<bool> {
