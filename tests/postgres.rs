@@ -50,6 +50,14 @@ async fn hold(
     l.authorize(req).await.unwrap()
 }
 
+/// A plain client on `url`, for what the test does behind the ledger's back; its
+/// connection task ends when the client is dropped.
+async fn sql_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
@@ -452,8 +460,7 @@ async fn captures_use_the_primary_key_not_the_pending_index() {
     for t in tasks {
         t.await.unwrap();
     }
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    let conn = tokio::spawn(conn);
+    let c = sql_client(&url).await;
     // What autovacuum's analyze would find: 2,000 debits, none of them pending.
     c.batch_execute("ANALYZE transactions").await.unwrap();
     let ids: Vec<i64> = vec![1, 2, 3];
@@ -463,8 +470,6 @@ async fn captures_use_the_primary_key_not_the_pending_index() {
     let plan = plan.join("\n");
     assert!(plan.contains("transactions_pkey"), "capture does not use the primary key: {plan}");
     assert!(!plan.contains("transactions_pending"), "capture scans the pending index: {plan}");
-    drop(c);
-    let _ = conn.await;
 }
 
 /// `seq_scan` and `idx_scan` of `transactions`, once every backend has published its
@@ -487,8 +492,7 @@ async fn captures_stay_on_the_primary_key_as_the_ledger_grows() {
     let url = cluster.create_db().await;
     // One connection, so that it runs every capture and caches any generic plan.
     let l = Arc::new(PostgresLedger::connect(&url, PostgresOptions { pool_size: 1, ..opts() }).await.unwrap());
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    let conn = tokio::spawn(conn);
+    let c = sql_client(&url).await;
     // No autovacuum: its ANALYZE would replace stale plans and hide the defect.
     c.batch_execute("ALTER TABLE transactions SET (autovacuum_enabled = false)").await.unwrap();
     let k = l.create_key(None, Micros(1_000 * PRICE)).await.unwrap();
@@ -528,8 +532,6 @@ async fn captures_stay_on_the_primary_key_as_the_ledger_grows() {
     let (seq_after, idx_after) = table_scans(&c).await;
     assert!(idx_after - idx_before >= 10, "captures did not show in the statistics: {idx_before} → {idx_after}");
     assert_eq!(seq_after, seq_before, "captures scanned the whole table {} times", seq_after - seq_before);
-    drop(c);
-    let _ = conn.await;
 }
 
 // === faults ===
@@ -588,8 +590,7 @@ async fn database_outage_fails_closed_and_heals_without_restart() {
 
     // Slow: another session holds the key's row lock; the hold waits for it until the
     // 1s statement timeout cancels it.
-    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    let conn = tokio::spawn(conn);
+    let locker = sql_client(&url).await;
     locker.batch_execute(&format!("BEGIN; SELECT 1 FROM keys WHERE id = '{id}' FOR UPDATE")).await.unwrap();
     let started = Instant::now();
     let r = paid().await;
@@ -601,8 +602,6 @@ async fn database_outage_fails_closed_and_heals_without_restart() {
     assert_eq!(paid().await.status, 200);
     assert_eq!(up.hits(), 3);
     assert_eq!(gw.balance(&id).await, Micros(1_000_000 - 3 * PRICE));
-    drop(locker);
-    let _ = conn.await;
     gw.shutdown().await;
 }
 
@@ -643,11 +642,8 @@ async fn keys_cli_and_doctor_work_against_postgres() {
 // === migrations ===
 
 async fn versions(url: &str) -> Vec<i32> {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-    let conn = tokio::spawn(conn);
+    let c = sql_client(url).await;
     let rows = c.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.unwrap();
-    drop(c);
-    let _ = conn.await;
     rows.iter().map(|r| r.get(0)).collect()
 }
 
@@ -677,11 +673,8 @@ async fn replicas_starting_at_once_migrate_once() {
     assert_eq!(versions(&url).await, all);
 
     // A schema from a newer tollgate is refused, not clobbered.
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    let conn = tokio::spawn(conn);
+    let c = sql_client(&url).await;
     c.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&(SCHEMA_VERSION + 1)]).await.unwrap();
-    drop(c);
-    let _ = conn.await;
     let err = PostgresLedger::connect(&url, opts()).await.unwrap_err();
     assert!(matches!(err, LedgerError::Other(_)), "{err}");
     assert!(err.to_string().contains("newer than this tollgate"), "{err}");
