@@ -56,10 +56,10 @@ fn config() -> Config {
 fn route_match(c: &mut Criterion) {
     let table = RouteTable::new(&config());
     c.bench_function("route_match/prefix_third", |b| {
-        b.iter(|| table.find(None, &Method::POST, std::hint::black_box("/v1/chat/completions")).unwrap())
+        b.iter(|| table.resolve(None, &Method::POST, std::hint::black_box("/v1/chat/completions")).unwrap())
     });
     c.bench_function("route_match/normalised_path", |b| {
-        b.iter(|| table.find(None, &Method::POST, std::hint::black_box("/v1/%63hat/../chat/completions")).unwrap())
+        b.iter(|| table.resolve(None, &Method::POST, std::hint::black_box("/v1/%63hat/../chat/completions")).unwrap())
     });
 }
 

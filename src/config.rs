@@ -202,6 +202,10 @@ pub struct RouteConfig {
     pub description: Option<String>,
     /// x402 `mimeType` of what the route returns.
     pub mime_type: Option<String>,
+    /// `Upgrade` protocols passed through to the upstream (default: WebSocket). Any
+    /// other upgrade request is forwarded as a plain request without its `Upgrade`.
+    #[serde(default = "defaults::upgrades")]
+    pub upgrades: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -336,6 +340,9 @@ mod defaults {
     }
     pub fn credits_header() -> String {
         "Authorization".into()
+    }
+    pub fn upgrades() -> Vec<String> {
+        vec!["websocket".into()]
     }
     pub fn asset_name() -> String {
         "USDC".into()
@@ -505,6 +512,21 @@ impl Config {
             for (j, m) in r.methods.iter().enumerate() {
                 if http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).is_err() {
                     err(format!("{at}.methods[{j}]"), format!("{m:?} is not an HTTP method"));
+                }
+            }
+            for (j, u) in r.upgrades.iter().enumerate() {
+                if u.eq_ignore_ascii_case("h2c") {
+                    err(
+                        format!("{at}.upgrades[{j}]"),
+                        "h2c upgrades are never forwarded: they would tunnel HTTP/2 past the gateway".into(),
+                    );
+                } else if u.is_empty() || !u.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                    err(format!("{at}.upgrades[{j}]"), format!("{u:?} is not an upgrade protocol name"));
+                }
+            }
+            if let Some(h) = &r.host {
+                if h.is_empty() || h.contains(['/', ' ', '@']) {
+                    err(format!("{at}.host"), format!("{h:?} is not a host name"));
                 }
             }
             if let Some(p) = &r.strip_prefix {

@@ -32,7 +32,7 @@ use crate::payment::Rails;
 use crate::problem::{self, PROBLEM_PATH};
 use crate::proxy::headers::TrustedProxies;
 use crate::proxy::{ConnInfo, ProxyError, Upstream};
-use crate::route::RouteTable;
+use crate::route::{normalize_host, RouteTable, Unroutable};
 use crate::Body;
 
 /// Builds the rails for a config; given to the gateway so tests can add fakes.
@@ -225,20 +225,48 @@ impl Gateway {
         }
 
         let host = request_host(&req);
-        let Some(route) = snap.routes.find(host.as_deref(), &method, &path).cloned() else {
-            snap.unmatched.rejected.inc();
-            tracing::info!(request_id = %request_id, method = %method, path = %path, status = 404, "no route");
-            let res = problem::problem_response(
-                &snap.public_base,
-                "route_not_found",
-                StatusCode::NOT_FOUND,
-                format!("No route matches {method} {path}."),
-                &path,
-                &request_id,
-                Default::default(),
-            );
-            return finish(res, &request_id);
+        let routed = snap.routes.resolve(host.as_deref(), &method, &path).map(|r| (r.route, r.path.into_owned()));
+        let routed = routed.and_then(|(route, normal)| {
+            // Fail closed: the upstream gets the path that was routed on, or nothing.
+            if normal != path && !set_path(&mut req, &normal) {
+                return Err(Unroutable::BadPath(crate::route::path::PathError::ControlCharacter));
+            }
+            Ok(route)
+        });
+        let route = match routed {
+            Ok(route) => route,
+            Err(e) => {
+                snap.unmatched.rejected.inc();
+                let (code, status, detail) = match &e {
+                    Unroutable::NotFound => {
+                        ("route_not_found", StatusCode::NOT_FOUND, format!("No route matches {method} {path}."))
+                    }
+                    _ => (
+                        "bad_request",
+                        StatusCode::BAD_REQUEST,
+                        format!("The request path cannot be routed safely: {e}."),
+                    ),
+                };
+                tracing::info!(request_id = %request_id, method = %method, path = %path, status = status.as_u16(), error = %e, "no route");
+                let res = problem::problem_response(
+                    &snap.public_base,
+                    code,
+                    status,
+                    detail,
+                    &path,
+                    &request_id,
+                    Default::default(),
+                );
+                return finish(res, &request_id);
+            }
         };
+        if let Some(protocols) = crate::proxy::headers::upgrade_request(req.headers()) {
+            let allowed = protocols.to_str().is_ok_and(|p| p.split(',').all(|t| route.allows_upgrade(t)));
+            if !allowed {
+                tracing::debug!(request_id = %request_id, route = %route.name, "upgrade not allowed on this route; forwarded as a plain request");
+                crate::proxy::headers::drop_upgrade(req.headers_mut());
+            }
+        }
         let rm = &snap.route_metrics[route.index];
         let inflight = Inflight::new(&self.shared.metrics);
 
@@ -301,18 +329,32 @@ fn finish(mut res: Response<Body>, request_id: &str) -> Response<Body> {
     res
 }
 
-/// The request's host without port: `Host` for HTTP/1, `:authority` for HTTP/2.
+/// The request's host as routes compare it (see [`normalize_host`]): `Host` for
+/// HTTP/1, `:authority` for HTTP/2.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_owned())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))?;
-    let host = match raw.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or("").to_owned(),
-        None => raw.rsplit_once(':').map(|(h, _)| h.to_owned()).unwrap_or(raw),
+    match req.uri().authority() {
+        Some(a) => Some(normalize_host(a.host())),
+        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(normalize_host),
+    }
+}
+
+/// Replaces the request's path (keeping its query) with the normal form it was
+/// routed on, which is what the upstream gets. `false` if it cannot be.
+fn set_path<B>(req: &mut Request<B>, path: &str) -> bool {
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
     };
-    Some(host.to_ascii_lowercase())
+    let mut parts = req.uri().clone().into_parts();
+    let Ok(pq) = http::uri::PathAndQuery::try_from(pq) else { return false };
+    parts.path_and_query = Some(pq);
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => {
+            *req.uri_mut() = uri;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Counts a request in `tollgate_inflight_requests` until its response body has been
@@ -399,6 +441,7 @@ impl Service<Request<Incoming>> for Forward {
                 }
                 Err(e) => {
                     tracing::warn!(request_id = %ctx.request_id, route = %ctx.route.name, error = %e, "upstream failed");
+                    let reached = matches!(e, ProxyError::Timeout { .. } | ProxyError::Upstream { .. });
                     let (code, status) = match &e {
                         ProxyError::Timeout { .. } => ("upstream_timeout", StatusCode::GATEWAY_TIMEOUT),
                         ProxyError::BadRequest(_) => ("bad_request", StatusCode::BAD_REQUEST),
@@ -423,7 +466,7 @@ impl Service<Request<Incoming>> for Forward {
                         &ctx.request_id,
                         Default::default(),
                     );
-                    res.extensions_mut().insert(Synthetic);
+                    res.extensions_mut().insert(Synthetic { reached });
                     Ok(res)
                 }
             }

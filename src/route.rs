@@ -1,10 +1,20 @@
 //! The route table: first match wins on (host, method, path).
 //!
-//! Matching uses a *normalised* path (RFC 3986 §6.2.2: percent-encoded unreserved
-//! characters decoded, dot segments removed, repeated slashes merged) so that
-//! `/v1/%63hat/x` or `/docs/../v1/chat/x` cannot slip past a priced route into a free
-//! one. The path forwarded upstream is still the client's bytes, untouched.
+//! Routing is fail-closed (the rule is written out in ARCHITECTURE.md):
+//!
+//! - the path is routed on, and forwarded in, its normal form ([`path::normalize`]);
+//!   a path without a safe normal form is refused;
+//! - it is matched again in its folded form ([`path::fold`]) against folded patterns:
+//!   if that reaches a priced route the normal form did not, the request is priced
+//!   there, and if the two readings reach two different priced routes, the request is
+//!   refused as ambiguous;
+//! - methods compare case-insensitively, and `HEAD` matches a route that lists `GET`
+//!   (origins run the `GET` handler for it); hosts compare without case, port or
+//!   trailing dot.
 
+pub mod path;
+
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Method;
@@ -53,14 +63,19 @@ pub struct Route {
     pub index: usize,
     pub name: Arc<str>,
     pub upstream: Arc<str>,
+    /// Lower case, without a trailing dot.
     pub host: Option<String>,
     pub path: PathPattern,
+    /// The pattern's path folded (see [`path::fold`]).
+    folded: PathPattern,
     pub methods: Vec<Method>,
     /// `None` for free routes.
     pub price: Option<Micros>,
     pub accept: Vec<String>,
     pub charge_on: ChargeOn,
     pub strip_prefix: Option<String>,
+    /// `Upgrade` protocols passed through (lower case; never `h2c`).
+    pub upgrades: Vec<String>,
     pub config: RouteConfig,
 }
 
@@ -69,18 +84,44 @@ impl Route {
         self.price.is_none()
     }
 
-    fn matches(&self, host: Option<&str>, method: &Method, path: &str) -> bool {
+    /// Whether the route lets a request upgrade to `protocol` (an `Upgrade` token,
+    /// e.g. `websocket` or `websocket/13`).
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        let name = protocol.split('/').next().unwrap_or_default().trim();
+        !name.eq_ignore_ascii_case("h2c") && self.upgrades.iter().any(|u| u.eq_ignore_ascii_case(name))
+    }
+
+    fn matches_host_and_method(&self, host: Option<&str>, method: &Method) -> bool {
         if let Some(h) = &self.host {
-            match host {
-                Some(req) if req.eq_ignore_ascii_case(h) => {}
-                _ => return false,
+            if host != Some(h.as_str()) {
+                return false;
             }
         }
-        if !self.methods.is_empty() && !self.methods.contains(method) {
-            return false;
-        }
-        self.path.matches(path)
+        self.methods.is_empty()
+            || self.methods.iter().any(|m| {
+                m == method
+                    || (*m == Method::GET && *method == Method::HEAD)
+                    || m.as_str().eq_ignore_ascii_case(method.as_str())
+            })
     }
+}
+
+/// Why a request has no route.
+#[derive(Debug, thiserror::Error)]
+pub enum Unroutable {
+    #[error("no route matches")]
+    NotFound,
+    #[error("{0}")]
+    BadPath(#[from] path::PathError),
+    #[error("the path reads as route {0} to some servers and as route {1} to others")]
+    Ambiguous(Arc<str>, Arc<str>),
+}
+
+/// A routed request: its route and the normal form of its path, to forward.
+#[derive(Debug)]
+pub struct Routed<'p> {
+    pub route: Arc<Route>,
+    pub path: Cow<'p, str>,
 }
 
 #[derive(Debug, Default)]
@@ -96,12 +137,18 @@ impl RouteTable {
             .iter()
             .enumerate()
             .map(|(index, r)| {
+                let path = PathPattern::parse(&r.path).unwrap_or(PathPattern::Exact(r.path.clone()));
+                let folded = match &path {
+                    PathPattern::Exact(e) => PathPattern::Exact(path::fold_pattern(e)),
+                    PathPattern::Prefix(p) => PathPattern::Prefix(path::fold_pattern(p)),
+                };
                 Arc::new(Route {
                     index,
                     name: r.name.as_str().into(),
                     upstream: r.upstream.as_str().into(),
-                    host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                    path: PathPattern::parse(&r.path).unwrap_or(PathPattern::Exact(r.path.clone())),
+                    host: r.host.as_deref().map(normalize_host),
+                    path,
+                    folded,
                     methods: r
                         .methods
                         .iter()
@@ -111,6 +158,7 @@ impl RouteTable {
                     accept: r.accept.clone(),
                     charge_on: r.charge_on,
                     strip_prefix: r.strip_prefix.clone(),
+                    upgrades: r.upgrades.iter().map(|u| u.to_ascii_lowercase()).collect(),
                     config: r.clone(),
                 })
             })
@@ -118,10 +166,31 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// First route matching the request. `host` is the request's host without port.
-    pub fn find(&self, host: Option<&str>, method: &Method, raw_path: &str) -> Option<&Arc<Route>> {
-        let path = normalize_path(raw_path);
-        self.routes.iter().find(|r| r.matches(host, method, &path))
+    /// The route for a request (see the module docs). `host` is normalised by
+    /// [`normalize_host`]; `method` is the request's, already canonical for the
+    /// standard methods.
+    pub fn resolve<'p>(
+        &self,
+        host: Option<&str>,
+        method: &Method,
+        raw_path: &'p str,
+    ) -> Result<Routed<'p>, Unroutable> {
+        let normal = path::normalize(raw_path)?;
+        let folded = path::fold(&normal);
+        let candidates = || self.routes.iter().filter(|r| r.matches_host_and_method(host, method));
+        let exact = candidates().find(|r| r.path.matches(&normal));
+        let wide =
+            if folded == normal && exact.is_some() { exact } else { candidates().find(|r| r.folded.matches(&folded)) };
+        let route = match (exact, wide) {
+            (Some(a), Some(b)) if !Arc::ptr_eq(a, b) && !a.is_free() && !b.is_free() => {
+                return Err(Unroutable::Ambiguous(a.name.clone(), b.name.clone()))
+            }
+            (Some(a), _) if !a.is_free() => a,
+            (_, Some(b)) if !b.is_free() => b,
+            (Some(a), _) => a,
+            (None, _) => return Err(Unroutable::NotFound),
+        };
+        Ok(Routed { route: route.clone(), path: normal })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
@@ -129,55 +198,16 @@ impl RouteTable {
     }
 }
 
-/// RFC 3986 normalisation for matching only (see module docs).
-pub fn normalize_path(raw: &str) -> std::borrow::Cow<'_, str> {
-    let needs = raw.contains('%') || raw.contains("/.") || raw.contains("//");
-    if !needs {
-        return std::borrow::Cow::Borrowed(raw);
-    }
-    // Decode unreserved characters, and `%2F` to `/`: an upstream that decodes it
-    // before routing would otherwise serve `/v1/chat%2Fx` as `/v1/chat/x` while it
-    // matched a free route here. Other reserved characters keep their encoding.
-    let bytes = raw.as_bytes();
-    let mut decoded = String::with_capacity(raw.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = &raw[i + 1..i + 3];
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-                    decoded.push(b as char);
-                } else {
-                    decoded.push('%');
-                    decoded.push_str(&hex.to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
-            }
-        }
-        decoded.push(bytes[i] as char);
-        i += 1;
-    }
-    // Remove dot segments and empty segments.
-    let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    let mut path = String::with_capacity(decoded.len());
-    for s in &out {
-        path.push('/');
-        path.push_str(s);
-    }
-    if path.is_empty() || (decoded.ends_with('/') && !path.ends_with('/')) {
-        path.push('/');
-    }
-    std::borrow::Cow::Owned(path)
+/// A host as routes compare it: lower case, without port or trailing dot(s).
+pub fn normalize_host(raw: &str) -> String {
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => match raw.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => raw,
+        },
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -210,19 +240,5 @@ mod tests {
         assert!(PathPattern::parse("v1/*").is_err());
         assert!(PathPattern::parse("/v1/*/x").is_err());
         assert!(PathPattern::parse("/v1*").is_err());
-    }
-
-    #[test]
-    fn normalisation_defeats_encoding_and_dot_tricks() {
-        assert_eq!(normalize_path("/v1/%63hat/x"), "/v1/chat/x");
-        assert_eq!(normalize_path("/docs/../v1/chat/x"), "/v1/chat/x");
-        assert_eq!(normalize_path("/docs/%2e%2e/v1/chat"), "/v1/chat");
-        assert_eq!(normalize_path("//v1//chat/"), "/v1/chat/");
-        assert_eq!(normalize_path("/v1/chat%2Fcompletions"), "/v1/chat/completions");
-        assert_eq!(normalize_path("/a/%3Fb"), "/a/%3Fb");
-        assert_eq!(normalize_path("/../.."), "/");
-        assert_eq!(normalize_path("/bad%zz"), "/bad%zz");
-        assert_eq!(normalize_path("/end%4"), "/end%4");
-        assert_eq!(normalize_path("/plain/path"), "/plain/path");
     }
 }

@@ -22,6 +22,19 @@ const HOP_BY_HOP: &[&str] = &[
     "te",
     "transfer-encoding",
     "upgrade",
+    "http2-settings",
+];
+
+/// Request fields that make origins run another method or serve another path than
+/// the request line says (Rails, Laravel, Symfony, ASP.NET, IIS URL Rewrite, Spring…).
+/// tollgate priced the request line, so these never reach an upstream.
+pub const OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-rewrite-url",
 ];
 
 /// Removes hop-by-hop fields and those named in `Connection`.
@@ -67,6 +80,12 @@ pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
     } else {
         None
     }
+}
+
+/// Turns an upgrade request into a plain one (the route does not allow its protocol).
+pub fn drop_upgrade(headers: &mut HeaderMap) {
+    headers.remove(header::CONNECTION);
+    headers.remove(header::UPGRADE);
 }
 
 /// Who sent the request, as far as the configured trusted proxies let us tell.

@@ -84,11 +84,19 @@ pub enum Malformed {
 /// - hop-by-hop fields, and those the client named in `Connection`, are removed now, so
 ///   that a client cannot make the gateway drop the fields it adds itself (a request
 ///   with `Connection: X-Forwarded-For` must still reach the upstream with one); an
-///   upgrade request keeps exactly `Connection: upgrade` and its `Upgrade`;
+///   upgrade request keeps exactly `Connection: upgrade` and its `Upgrade`, except
+///   an upgrade to `h2c`, which is never forwarded (it would let the client speak
+///   HTTP/2 straight to the origin, past every route);
+/// - method and URL override fields ([`headers::OVERRIDES`]) are removed;
+/// - a standard method spelled in another case (`post`) is made canonical (`POST`),
+///   since origins such as Flask and Starlette upper-case it before dispatching;
 /// - `Host` is made to agree with the request target's authority when there is one
 ///   (HTTP/2 `:authority`, HTTP/1.1 absolute-form; RFC 9112 §3.2.2);
 /// - requests that cannot be proxied safely are refused.
 pub fn prepare_request<B>(req: &mut Request<B>) -> Result<(), Malformed> {
+    if let Some(canonical) = canonical_method(req.method()) {
+        *req.method_mut() = canonical;
+    }
     if req.method() == Method::CONNECT {
         return Err(Malformed::Connect);
     }
@@ -100,14 +108,43 @@ pub fn prepare_request<B>(req: &mut Request<B>) -> Result<(), Malformed> {
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    let upgrade = headers::upgrade_request(req.headers());
+    let upgrade = headers::upgrade_request(req.headers()).filter(|p| !names_h2c(p));
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h);
+    for name in headers::OVERRIDES {
+        h.remove(*name);
+    }
     if let Some(proto) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto);
     }
     Ok(())
+}
+
+/// The standard method `m` names in another spelling (`post`, `Get`), if any.
+fn canonical_method(m: &Method) -> Option<Method> {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::CONNECT,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PATCH,
+    ];
+    if m.as_str().bytes().all(|b| !b.is_ascii_lowercase()) {
+        return None;
+    }
+    STANDARD.into_iter().find(|s| s.as_str().eq_ignore_ascii_case(m.as_str()))
+}
+
+/// Whether an `Upgrade` value asks for `h2c` among its protocols.
+fn names_h2c(v: &HeaderValue) -> bool {
+    v.to_str().map_or(true, |s| {
+        s.split(',').any(|p| p.split('/').next().unwrap_or_default().trim().eq_ignore_ascii_case("h2c"))
+    })
 }
 
 /// Why forwarding failed; each maps to one synthetic response.
@@ -206,7 +243,8 @@ impl Upstream {
         mut req: Request<Incoming>,
         strip_prefix: Option<&str>,
     ) -> Result<Response<Body>, ProxyError> {
-        let client_upgrade = headers::upgrade_request(req.headers()).map(|_| hyper::upgrade::on(&mut req));
+        let asked = headers::upgrade_request(req.headers());
+        let client_upgrade = asked.is_some().then(|| hyper::upgrade::on(&mut req));
 
         let uri = self.target(req.uri().path_and_query(), strip_prefix)?;
         *req.uri_mut() = uri;
@@ -241,7 +279,20 @@ impl Upstream {
         };
 
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
+            // Splice only the protocol the client asked for and the route allowed; an
+            // upstream that switches to anything else (or unasked) is not followed.
+            let agreed = asked.as_ref().zip(res.headers().get(header::UPGRADE)).is_some_and(|(a, got)| {
+                let got = got.to_str().unwrap_or_default().trim();
+                a.to_str().is_ok_and(|a| a.split(',').any(|p| p.trim().eq_ignore_ascii_case(got)))
+            });
+            let client_upgrade = client_upgrade.filter(|_| agreed);
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ProxyError::Upstream {
+                    upstream: self.name.clone(),
+                    source: "the upstream switched protocols to one the client did not ask for".into(),
+                });
+            };
+            {
                 let upstream_upgrade = hyper::upgrade::on(&mut res);
                 let name = self.name.clone();
                 tokio::spawn(async move {
