@@ -16,7 +16,6 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
-use sha2::{Digest, Sha256};
 use tower::{Layer, Service, ServiceExt};
 
 use super::challenge::{self, Refusal};
@@ -35,10 +34,14 @@ pub struct RequestCtx {
     pub client_ip: IpAddr,
 }
 
-/// Marks a response tollgate made up itself (upstream unreachable or too slow):
-/// the upstream never answered, so nothing is charged whatever `charge_on` says.
+/// Marks a response tollgate made up itself because the upstream gave no answer.
+/// Under `charge_on = "success"` nothing is charged; under `"always"` the charge
+/// stands if the request reached the upstream (it timed out or broke off after being
+/// sent), and never if it did not (connect error, or the client's own body failed).
 #[derive(Debug, Clone, Copy)]
-pub struct Synthetic;
+pub struct Synthetic {
+    pub reached: bool,
+}
 
 /// The configured gate: rails, limits and pre-resolved metric handles. Built once per
 /// config snapshot.
@@ -186,7 +189,10 @@ impl PaymentGate {
         inner: S,
     ) -> Result<Response<Body>, S::Error>
     where
-        S: Service<Request<B>, Response = Response<Body>>,
+        S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+        S::Future: Send,
+        S::Error: Send + 'static,
+        B: Send + 'static,
     {
         let route = &ctx.route;
         let price = route.price.unwrap_or_default();
@@ -234,16 +240,14 @@ impl PaymentGate {
         };
         let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == rail.name()));
 
-        if let Some(limiter) = gate.and_then(|g| g.per_key.as_ref()) {
-            let mut h = Sha256::new();
-            for name in rail.credential_headers() {
-                if let Some(v) = req.headers().get(name) {
-                    h.update(v.as_bytes());
-                }
-            }
-            let key: [u8; 32] = h.finalize().into();
-            if let Err(secs) = limiter.check(key) {
-                let d = Denial::new(Reason::RateLimited, "Too many requests for this credential.").retry_after(secs);
+        // Per-key limits count the payer (see `Rail::payer_hint`), so a credential's
+        // spelling cannot buy a fresh bucket. A bucket is made only once a payment
+        // verified; a spent payer is refused before the ledger is asked.
+        let per_key = gate.and_then(|g| g.per_key.as_ref());
+        let hint = per_key.and_then(|_| rail.payer_hint(req.headers()));
+        if let (Some(limiter), Some(hint)) = (per_key, &hint) {
+            if let Err(secs) = limiter.peek((rail.name(), hint)) {
+                let d = Denial::new(Reason::RateLimited, "Too many requests for this payer.").retry_after(secs);
                 return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
             }
         }
@@ -266,37 +270,79 @@ impl PaymentGate {
                 return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
             }
         };
-        let mut guard = GrantGuard(Some(grant));
+
+        if let Some(limiter) = per_key {
+            let payer = hint.unwrap_or_else(|| grant.payer().to_ascii_lowercase());
+            if let Err(secs) = limiter.check((rail.name(), &payer)) {
+                grant.release().await;
+                let d = Denial::new(Reason::RateLimited, "Too many requests for this payer.").retry_after(secs);
+                return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
+            }
+        }
 
         let headers = req.headers_mut();
         for name in &self.all_credential_headers {
             headers.remove(name);
         }
-        let g = guard.0.as_ref().map(|g| (g.rail(), g.payer().to_owned(), g.paid()));
-        if let Some((rail_name, payer, paid)) = g {
-            if let Ok(v) = HeaderValue::from_str(&route.name) {
-                headers.insert(HeaderName::from_static("x-tollgate-route"), v);
-            }
-            if let Ok(v) = HeaderValue::from_str(&payer) {
-                headers.insert(HeaderName::from_static("x-tollgate-payer"), v);
-            }
-            if let Ok(v) = HeaderValue::from_str(&paid) {
-                headers.insert(HeaderName::from_static("x-tollgate-paid"), v);
-            }
-            req.extensions_mut().insert(Paid { rail: rail_name, payer });
+        let (rail_name, payer, paid) = (grant.rail(), grant.payer().to_owned(), grant.paid());
+        if let Ok(v) = HeaderValue::from_str(&route.name) {
+            headers.insert(HeaderName::from_static("x-tollgate-route"), v);
         }
+        if let Ok(v) = HeaderValue::from_str(&payer) {
+            headers.insert(HeaderName::from_static("x-tollgate-payer"), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&paid) {
+            headers.insert(HeaderName::from_static("x-tollgate-paid"), v);
+        }
+        req.extensions_mut().insert(Paid { rail: rail_name, payer });
 
-        let mut res = inner.oneshot(req).await?;
+        // From here on the request is the upstream's: it runs to its answer in a task
+        // of its own, so a client that hangs up before the head does not decide the
+        // charge; the upstream's answer does, by the same rule as always.
+        let gate_index = route.index;
+        let this = self.clone();
+        let request_id = ctx.request_id.clone();
+        let task = tokio::spawn(async move {
+            let guard = GrantGuard(Some(grant));
+            let res = inner.oneshot(req).await?;
+            Ok(this.settle(&ctx, gate_index, guard, res, path, html).await)
+        });
+        match task.await {
+            Ok(res) => res,
+            Err(e) => {
+                tracing::error!(request_id = %request_id, error = %e, "paid request task failed");
+                let mut res = Response::new(crate::empty());
+                *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                Ok(res)
+            }
+        }
+    }
 
+    /// Ends the charge of a forwarded request once the upstream answered (or failed):
+    /// captured / settled when `charge_on` says so, released otherwise.
+    async fn settle(
+        &self,
+        ctx: &RequestCtx,
+        gate_index: usize,
+        mut guard: GrantGuard,
+        mut res: Response<Body>,
+        path: String,
+        html: bool,
+    ) -> Response<Body> {
+        let route = &ctx.route;
+        let gate = self.routes.get(&gate_index);
         let grant = guard.take();
-        let chargeable = res.extensions().get::<Synthetic>().is_none()
-            && (route.charge_on == ChargeOn::Always || res.status().as_u16() < 500);
+        let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == grant.rail()));
+        let chargeable = match res.extensions().get::<Synthetic>() {
+            Some(s) => route.charge_on == ChargeOn::Always && s.reached,
+            None => route.charge_on == ChargeOn::Always || res.status().as_u16() < 500,
+        };
         if !chargeable {
             grant.release().await;
             if let Some(h) = handles {
                 h.refunded.inc();
             }
-            return Ok(res);
+            return res;
         }
         let started = Instant::now();
         let committed = grant.commit(res.status()).await;
@@ -324,7 +370,7 @@ impl PaymentGate {
                         rh.append(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
                     }
                 }
-                Ok(res)
+                res
             }
             Err(d) => {
                 if let Some(h) = handles {
@@ -332,7 +378,15 @@ impl PaymentGate {
                 }
                 // The upstream body is dropped unread: the caller does not get what it
                 // was not charged for.
-                Ok(self.refuse(&path, html, &ctx, &charge, d, gate))
+                let charge = Charge {
+                    route,
+                    price: route.price.unwrap_or_default(),
+                    request_id: &ctx.request_id,
+                    client_ip: ctx.client_ip,
+                    public_base: &self.public_base,
+                    path: &path,
+                };
+                self.refuse(&path, html, ctx, &charge, d, gate)
             }
         }
     }
@@ -389,7 +443,7 @@ impl<S, B> Service<Request<B>> for PaymentService<S>
 where
     S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send,
-    S::Error: Send,
+    S::Error: Send + 'static,
     B: Send + 'static,
 {
     type Response = Response<Body>;
@@ -413,6 +467,10 @@ where
                 return Ok(res);
             };
             if ctx.route.is_free() {
+                let mut req = req;
+                for rail in gate.rails.iter() {
+                    rail.scrub(req.headers_mut());
+                }
                 return inner.oneshot(req).await;
             }
             gate.run(ctx, req, inner).await
@@ -480,7 +538,7 @@ free = true
             req = req.header("authorization", a);
         }
         let mut req = req.body(()).unwrap();
-        let route = fx.routes.find(None, &http::Method::GET, path).unwrap().clone();
+        let route = fx.routes.resolve(None, &http::Method::GET, path).unwrap().route;
         req.extensions_mut().insert(Arc::new(RequestCtx {
             request_id: "rid-1".into(),
             route,

@@ -176,6 +176,23 @@ pub trait Rail: Send + Sync + 'static {
     /// Headers that carry this rail's credential; removed before forwarding.
     fn credential_headers(&self) -> &[HeaderName];
 
+    /// Who the credential claims to pay as, read without verifying it (no I/O): a
+    /// stable id per payer however the credential is spelled, for per-key rate
+    /// limits to refuse a spent payer before the ledger or a facilitator is asked.
+    /// `None` when the payer is known only once verified.
+    fn payer_hint(&self, _headers: &HeaderMap) -> Option<String> {
+        None
+    }
+
+    /// Removes this rail's credentials from a request to a *free* route, which may
+    /// carry other credentials of the same header meant for the upstream. By default
+    /// every credential header goes.
+    fn scrub(&self, headers: &mut HeaderMap) {
+        for name in self.credential_headers() {
+            headers.remove(name);
+        }
+    }
+
     /// Verifies the credential and reserves the payment.
     async fn authorize(&self, charge: &Charge<'_>, headers: &HeaderMap) -> Result<Box<dyn Grant>, Denial>;
 

@@ -36,11 +36,28 @@ impl Limiter {
         }
     }
 
+    /// Whether `key` has a token left, without taking it and without making a bucket
+    /// for a key never seen (so unauthenticated callers cannot fill the table).
+    pub fn peek(&self, key: impl Hash) -> Result<(), u64> {
+        let k = hash(key);
+        let now = Instant::now();
+        let map = self.shards[(k as usize) % SHARDS].lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&k) {
+            None => Ok(()),
+            Some(b) => {
+                let tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.per_sec).min(self.capacity);
+                if tokens >= 1.0 {
+                    Ok(())
+                } else {
+                    Err(((1.0 - tokens) / self.per_sec).ceil().max(1.0) as u64)
+                }
+            }
+        }
+    }
+
     /// Takes one token for `key`. `Err(secs)` says when to retry.
     pub fn check(&self, key: impl Hash) -> Result<(), u64> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        let k = h.finish();
+        let k = hash(key);
         let now = Instant::now();
         let shard = &self.shards[(k as usize) % SHARDS];
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -62,6 +79,12 @@ impl Limiter {
     }
 }
 
+fn hash(key: impl Hash) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +100,20 @@ mod tests {
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(l.check("a").is_ok());
         assert!(l.check("a").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peek_takes_nothing_and_makes_no_bucket() {
+        let l = Limiter::new(1, Duration::from_secs(60), None);
+        for _ in 0..10 {
+            assert!(l.peek("stranger").is_ok());
+        }
+        assert!(l.shards.iter().all(|s| s.lock().unwrap().is_empty()), "peek made a bucket");
+        assert!(l.check("a").is_ok());
+        assert_eq!(l.peek("a"), Err(60));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(l.peek("a").is_ok());
+        assert!(l.check("a").is_ok(), "peek took no token");
     }
 
     #[tokio::test(start_paused = true)]

@@ -68,6 +68,9 @@ impl Credits {
         let malformed = |why: &str| {
             Denial::new(Reason::PaymentMalformed, format!("The API key could not be read: {why}.")).rail(NAME)
         };
+        if headers.get_all(&self.header).iter().nth(1).is_some() || headers.get_all(X_API_KEY).iter().nth(1).is_some() {
+            return Err(malformed("the credential header is sent more than once"));
+        }
         let (value, bearer) = match headers.get(&self.header) {
             Some(v) => (v, self.bearer()),
             None => match headers.get(X_API_KEY) {
@@ -116,6 +119,26 @@ impl Rail for Credits {
 
     fn credential_headers(&self) -> &[HeaderName] {
         &self.headers
+    }
+
+    /// The key's hash: one per key, whichever header and spelling carried it.
+    fn payer_hint(&self, headers: &HeaderMap) -> Option<String> {
+        let key = self.key(headers).ok()??;
+        Some(hex::encode(SecretHash::of(key).0))
+    }
+
+    /// Only values that carry a tollgate key: the same header may hold the upstream's
+    /// own credential on a free route.
+    fn scrub(&self, headers: &mut HeaderMap) {
+        for name in &self.headers {
+            let ours = headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.as_bytes().windows(KEY_PREFIX.len()).any(|w| w.eq_ignore_ascii_case(KEY_PREFIX.as_bytes())));
+            if ours {
+                headers.remove(name);
+            }
+        }
     }
 
     async fn authorize(&self, charge: &Charge<'_>, headers: &HeaderMap) -> Result<Box<dyn Grant>, Denial> {
