@@ -276,4 +276,54 @@ mod tests {
         assert_eq!(fold_pattern(""), "");
         assert_eq!(fold_pattern("/V1/Chat/"), "/v1/chat");
     }
+
+    // === properties (the normaliser's fuzz targets, run by `cargo test`) ===
+
+    use proptest::prelude::*;
+
+    /// Paths made of the pieces that matter to normalisers, plus arbitrary text.
+    fn tricky_path() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("/".to_owned()),
+            Just("..".to_owned()),
+            Just(".".to_owned()),
+            Just("%".to_owned()),
+            Just(";".to_owned()),
+            Just("\\".to_owned()),
+            "%[0-9a-fA-F]{2}",
+            "%25[0-9a-fA-F]{2}",
+            "[a-zA-Z]{1,4}",
+            any::<char>().prop_map(String::from),
+        ];
+        proptest::collection::vec(piece, 0..12).prop_map(|v| format!("/{}", v.concat()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn normalize_never_panics_on_any_text(s in any::<String>()) {
+            let _ = normalize(&s);
+            let _ = fold(&s);
+        }
+
+        #[test]
+        fn the_normal_form_is_stable_and_free_of_dot_segments(raw in tricky_path()) {
+            if let Ok(n) = normalize(&raw) {
+                prop_assert!(n.starts_with('/'));
+                let again = normalize(&n).map(Cow::into_owned);
+                prop_assert_eq!(again, Ok(n.clone().into_owned()), "normalising twice changed {}", raw);
+                for seg in n.split('/') {
+                    prop_assert!(seg != "." && seg != "..", "{} kept a dot segment: {}", raw, n);
+                }
+                prop_assert!(!n.contains("//"));
+                let f = fold(&n);
+                prop_assert_eq!(fold(&f), f.clone());
+                // The folded form has no dot segment an origin could still resolve.
+                for seg in f.split('/') {
+                    prop_assert!(seg != "." && seg != "..", "{} folds to a dot segment: {}", raw, f);
+                }
+            }
+        }
+    }
 }

@@ -311,4 +311,55 @@ mod tests {
         assert!(!is_key_shape(&format!("{KEY_PREFIX}{}", "a1".repeat(21))));
         assert!(!is_key_shape("sk-abc"));
     }
+
+    // === properties (the credential parser's fuzz targets, run by `cargo test`) ===
+
+    use proptest::prelude::*;
+
+    fn credits() -> (tempfile::TempDir, Credits) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = crate::ledger::sqlite::SqliteLedger::open(&dir.path().join("l.db"), Default::default()).unwrap();
+        let c = Credits::new(&CreditsConfig::default(), Arc::new(ledger), Arc::new(Metrics::new()));
+        (dir, c)
+    }
+
+    fn header_value() -> impl Strategy<Value = Vec<u8>> {
+        let key = format!("{KEY_PREFIX}{}", "0a".repeat(20));
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            "(?i:bearer)[ \t]{0,3}(tg_live_[0-9a-f]{0,41})?[ \t]{0,3}".prop_map(String::into_bytes),
+            Just(format!("Bearer {key}").into_bytes()),
+            Just(format!("bearer   {key}  ").into_bytes()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        /// Any header bytes: a decision (no key, a key, a refusal), never a panic; a
+        /// key that is accepted is exactly the canonical shape, and its payer hint is
+        /// the same whichever header carried it.
+        #[test]
+        fn any_credential_bytes_get_a_decision(auth in header_value(), api in proptest::option::of(header_value())) {
+            let (_dir, c) = credits();
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(&auth) {
+                h.insert(header::AUTHORIZATION, v);
+            }
+            if let Some(Ok(v)) = api.as_deref().map(HeaderValue::from_bytes) {
+                h.insert(X_API_KEY, v);
+            }
+            if let Ok(Some(k)) = c.key(&h) {
+                prop_assert!(is_key_shape(k));
+                let mut alone = HeaderMap::new();
+                alone.insert(X_API_KEY, HeaderValue::from_str(k).unwrap());
+                prop_assert_eq!(c.payer_hint(&h), c.payer_hint(&alone));
+            }
+            let mut scrubbed = h.clone();
+            c.scrub(&mut scrubbed);
+            for v in scrubbed.values() {
+                prop_assert!(!v.as_bytes().to_ascii_lowercase().windows(8).any(|w| w == b"tg_live_"));
+            }
+        }
+    }
 }
