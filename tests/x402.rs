@@ -170,6 +170,21 @@ fn b64_json(s: &str) -> Value {
     serde_json::from_slice(&STANDARD.decode(s).expect("standard padded base64")).unwrap()
 }
 
+/// Fails when `v` has a `null` anywhere: tollgate leaves absent optional members out.
+fn assert_no_null(v: &Value, what: &str) {
+    fn walk(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Null => out.push(at),
+            Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| walk(v, format!("{at}[{i}]"), out)),
+            Value::Object(m) => m.iter().for_each(|(k, v)| walk(v, format!("{at}.{k}"), out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    walk(v, "$".into(), &mut found);
+    assert!(found.is_empty(), "{what} has null at {found:?}: {v}");
+}
+
 fn assert_refused(r: &Reply, status: u16, reason: &str, what: &str) {
     assert_eq!(r.status, status, "{what}: {}", r.text());
     assert_eq!(r.json()["reason"], reason, "{what}: {}", r.text());
@@ -198,7 +213,7 @@ async fn challenge_has_v1_body_and_v2_header_for_every_offer() {
         json!({
             "scheme": "exact", "network": network, "maxAmountRequired": "10000", "asset": asset,
             "payTo": PAY_TO, "resource": "https://api.test/paid/report", "description": "Access to route paid",
-            "mimeType": "application/json", "outputSchema": null, "maxTimeoutSeconds": 60,
+            "mimeType": "application/json", "maxTimeoutSeconds": 60,
             "extra": {"name": name, "version": "2"}
         })
     };
@@ -226,9 +241,12 @@ async fn challenge_has_v1_body_and_v2_header_for_every_offer() {
             "extensions": {}
         })
     );
-    // Compact JSON, as the official clients expect.
+    // Compact JSON, as the official clients expect, and absent optional members left out
+    // (the legacy npm client refuses `"outputSchema": null`).
     let raw = String::from_utf8(STANDARD.decode(header).unwrap()).unwrap();
     assert!(!raw.contains(": ") && !raw.contains('\n'), "{raw}");
+    assert_no_null(&body, "the 402 body");
+    assert_no_null(&b64_json(header), "PAYMENT-REQUIRED");
     assert_eq!(up.hits(), 0);
     gw.shutdown().await;
 }
@@ -289,6 +307,7 @@ async fn round_trip(p: Payment) {
     let (settle_header, network) =
         if p.version == 1 { ("x-payment-response", "base-sepolia") } else { ("payment-response", "eip155:84532") };
     let receipt = b64_json(r.header(settle_header).expect("settlement header"));
+    assert_no_null(&receipt, settle_header);
     assert_eq!(receipt, json!({"success": true, "payer": DEV_ADDR, "transaction": TX_HASH, "network": network}));
     assert_eq!(r.header("x-tollgate-charged"), Some("0.01 USDC"));
     let expose = r.header("access-control-expose-headers").unwrap().to_ascii_lowercase();
@@ -312,6 +331,7 @@ async fn round_trip(p: Payment) {
         v2
     };
     for c in &calls {
+        assert_no_null(&c.body["paymentRequirements"], &c.path);
         assert_eq!(c.body["x402Version"], p.version);
         assert_eq!(c.body["paymentPayload"], p.json());
         assert_eq!(c.body["paymentRequirements"], offered);
@@ -697,6 +717,8 @@ async fn failed_settlement_withholds_the_upstream_response() {
         assert_eq!(r.json()["cause"], cause);
         assert!(r.json().get("ok").is_none(), "the upstream body is not delivered");
         let settle = b64_json(r.header("payment-response").expect("the failed settlement is reported"));
+        assert_no_null(&settle, "PAYMENT-RESPONSE of a failed settlement");
+        assert_no_null(&b64_json(r.header("payment-required").unwrap()), "PAYMENT-REQUIRED");
         assert_eq!(settle["success"], false);
         assert_eq!(settle["errorReason"], cause);
         assert_eq!(settle["transaction"], "");
