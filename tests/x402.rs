@@ -661,7 +661,30 @@ async fn facilitator_refusals_map_to_reasons_with_the_original_cause() {
             "invalid_exact_evm_nonce_already_used",
         ),
         (invalid("invalid_network"), 402, "payment_method_unsupported", "invalid_network"),
-        (invalid("invalid_payload"), 402, "payment_malformed", "invalid_payload"),
+        (invalid("invalid_payload"), 402, "payment_invalid", "invalid_payload"),
+        // The current SDKs' spellings (Python x402 2.25, @x402/evm 2.27).
+        (
+            invalid("invalid_exact_evm_insufficient_balance"),
+            402,
+            "insufficient_funds",
+            "invalid_exact_evm_insufficient_balance",
+        ),
+        (body400("permit2_insufficient_balance"), 402, "insufficient_funds", "permit2_insufficient_balance"),
+        (invalid("permit2_invalid_nonce"), 402, "payment_replayed", "permit2_invalid_nonce"),
+        (invalid("permit2_deadline_expired"), 402, "payment_expired", "permit2_deadline_expired"),
+        (
+            invalid("invalid_exact_evm_payload_recipient_mismatch"),
+            402,
+            "payment_invalid",
+            "invalid_exact_evm_payload_recipient_mismatch",
+        ),
+        (invalid("network_mismatch"), 402, "payment_method_unsupported", "network_mismatch"),
+        (
+            invalid("invalid_exact_evm_failed_to_get_network_config"),
+            402,
+            "payment_invalid",
+            "invalid_exact_evm_failed_to_get_network_config",
+        ),
         (invalid("unexpected_verify_error"), 402, "payment_invalid", "unexpected_verify_error"),
         (Verify::Http(400, json!({"error": "bad things"})), 402, "payment_invalid", "bad things"),
         (Verify::Http(500, json!({"error": "boom"})), 503, "payment_backend_unavailable", "facilitator_http_error"),
@@ -698,22 +721,37 @@ async fn failed_settlement_withholds_the_upstream_response() {
     let up = ok_upstream().await;
     let fac = FakeFacilitator::start(&[]).await;
     let gw = gateway(&impatient(config(&up, &fac.url(), "", ""))).await;
+    // A refusal of the payment itself says why, by the code's meaning; a fault of the
+    // facilitator or the chain is `settlement_failed`.
     let cases = [
-        (Settle::Fail("insufficient_funds".into()), "insufficient_funds"),
+        (Settle::Fail("insufficient_funds".into()), "insufficient_funds", "insufficient_funds"),
+        (
+            Settle::Fail("invalid_exact_evm_insufficient_balance".into()),
+            "insufficient_funds",
+            "invalid_exact_evm_insufficient_balance",
+        ),
+        (
+            Settle::Fail("invalid_exact_evm_nonce_already_used".into()),
+            "payment_replayed",
+            "invalid_exact_evm_nonce_already_used",
+        ),
+        (Settle::Fail("transaction_failed".into()), "settlement_failed", "transaction_failed"),
+        (Settle::Fail("unexpected_settle_error".into()), "settlement_failed", "unexpected_settle_error"),
         (
             Settle::Http(
                 400,
                 json!({"success": false, "errorReason": "invalid_transaction_state", "transaction": "", "network": "eip155:84532"}),
             ),
+            "settlement_failed",
             "invalid_transaction_state",
         ),
-        (Settle::Hang, "facilitator_timeout"),
-        (Settle::Http(502, json!({})), "facilitator_http_error"),
+        (Settle::Hang, "settlement_failed", "facilitator_timeout"),
+        (Settle::Http(502, json!({})), "settlement_failed", "facilitator_http_error"),
     ];
-    for (i, (answer, cause)) in cases.into_iter().enumerate() {
+    for (i, (answer, reason, cause)) in cases.into_iter().enumerate() {
         fac.set_settle(answer);
         let r = pay(&gw, &Payment::v2()).await;
-        assert_refused(&r, 402, "settlement_failed", cause);
+        assert_refused(&r, 402, reason, cause);
         assert_eq!(r.json()["cause"], cause);
         assert!(r.json().get("ok").is_none(), "the upstream body is not delivered");
         let settle = b64_json(r.header("payment-response").expect("the failed settlement is reported"));
@@ -779,9 +817,13 @@ async fn settle_before_upstream_settles_first() {
     assert_eq!(b64_json(r.header("payment-response").unwrap())["transaction"], TX_HASH);
     assert_eq!(r.header("x-tollgate-charged"), Some("0.01 USDC"));
 
-    fac.set_settle(Settle::Fail("insufficient_funds".into()));
+    fac.set_settle(Settle::Fail("transaction_failed".into()));
     let r = pay(&gw, &Payment::v2()).await;
     assert_refused(&r, 402, "settlement_failed", "settle refused before the upstream");
+    fac.set_settle(Settle::Fail("invalid_exact_evm_insufficient_balance".into()));
+    let r = pay(&gw, &Payment::v2()).await;
+    assert_refused(&r, 402, "insufficient_funds", "an unfunded wallet, settled before the upstream");
+    assert_eq!(r.json()["cause"], "invalid_exact_evm_insufficient_balance");
     assert_eq!(up.hits(), 1, "a payment that did not settle never reaches the upstream");
     gw.shutdown().await;
 }

@@ -34,7 +34,7 @@ use http::{HeaderMap, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Map, Value};
 
-use self::facilitator::{map_reason, FacilitatorClient, FacilitatorError, Verdict};
+use self::facilitator::{settle_reason, verify_reason, FacilitatorClient, FacilitatorError, Verdict};
 use self::types::{
     AssetExtra, FacilitatorRequest, PaymentPayloadV1, PaymentPayloadV2, PaymentRequiredV2, Requirements,
     RequirementsV1, RequirementsV2, ResourceInfo, SettleResponse,
@@ -410,9 +410,9 @@ impl Shared {
         };
         // Like the reference servers, the refusal carries the failed SettleResponse in
         // the version's settlement header.
-        let failed = |cause: String, why: &str| {
+        let failed = |reason: Reason, cause: String, why: &str| {
             let mut d = deny(
-                Reason::SettlementFailed,
+                reason,
                 format!("The x402 payment was verified but could not be settled ({why}); you were not served. Retry with a new payment."),
             );
             let body = SettleResponse {
@@ -432,14 +432,14 @@ impl Shared {
             Err(e) => {
                 self.calls.settle_error.inc();
                 tracing::warn!(error = %e, request_id = %p.request_id, payer = %p.payer, "x402 settle failed");
-                return Err(failed(e.cause().to_owned(), "the facilitator did not answer"));
+                return Err(failed(Reason::SettlementFailed, e.cause().to_owned(), "the facilitator did not answer"));
             }
         };
         if !res.success {
             self.calls.settle_failed.inc();
             let reason = res.error_reason.clone().unwrap_or_else(|| "unknown".to_owned());
             tracing::info!(reason = %reason, request_id = %p.request_id, payer = %p.payer, "x402 settle refused");
-            return Err(failed(reason, "the facilitator refused it"));
+            return Err(failed(settle_reason(&reason), reason, "the facilitator refused it"));
         }
         self.calls.settle_ok.inc();
         let settlement = Settlement {
@@ -531,7 +531,7 @@ impl Rail for X402 {
             }
             Ok(Verdict::Invalid { reason }) => {
                 s.calls.verify_invalid.inc();
-                let r = map_reason(&reason);
+                let r = verify_reason(&reason);
                 return Err(deny(r, format!("The facilitator refused the x402 payment ({reason}).")).cause(reason));
             }
             Err(e) => {
