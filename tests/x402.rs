@@ -769,22 +769,37 @@ async fn failed_settlement_withholds_the_upstream_response() {
     gw.shutdown().await;
 }
 
+/// One charge rule for every rail: under `charge_on = "success"` an upstream answer
+/// below 500 is paid for (a 404 or 422 the upstream chose to give, as with credits), and
+/// a 5xx is not.
 #[tokio::test]
-async fn upstream_failures_are_not_settled() {
+async fn charge_on_success_settles_below_500_and_not_from_500() {
     let fac = FakeFacilitator::start(&[]).await;
-    for status in [500, 404] {
+    for (status, settles) in [(404, true), (422, true), (201, true), (500, false), (503, false)] {
         let up = status_upstream(status).await;
         let gw = gateway(&config(&up, &fac.url(), "", "")).await;
-        let settles = fac.settle_calls();
-        let r = pay(&gw, &Payment::v1()).await;
-        assert_eq!(r.status, status);
-        assert_eq!(up.hits(), 1);
-        assert_eq!(fac.settle_calls(), settles, "no settle for an upstream {status}");
-        assert!(r.header("x-payment-response").is_none() && r.header("x-tollgate-charged").is_none());
-        assert!(gw.ledger.settlements(10).await.unwrap().is_empty());
+        let before = fac.settle_calls();
+        for p in [Payment::v1(), Payment::v2()] {
+            let r = pay(&gw, &p).await;
+            assert_eq!(r.status, status, "{}", r.text());
+            let header = if p.version == 1 { "x-payment-response" } else { "payment-response" };
+            if settles {
+                let receipt = b64_json(r.header(header).expect("a settled answer carries its receipt"));
+                assert_eq!(receipt["success"], true, "{status}");
+                assert_eq!(receipt["transaction"], TX_HASH);
+                assert_eq!(r.header("x-tollgate-charged"), Some("0.01 USDC"), "{status}");
+            } else {
+                assert!(r.header(header).is_none() && r.header("x-tollgate-charged").is_none(), "{status}");
+            }
+        }
+        let want = if settles { 2 } else { 0 };
+        assert_eq!(fac.settle_calls() - before, want, "settles for an upstream {status}");
+        assert_eq!(gw.ledger.settlements(10).await.unwrap().len(), want, "settlements recorded for {status}");
+        assert_eq!(up.hits(), 2);
         gw.shutdown().await;
     }
-    assert_eq!(fac.verify_calls(), 2);
+    assert_eq!(fac.verify_calls(), 10);
+    assert_eq!(fac.problems(), Vec::<String>::new());
 }
 
 #[tokio::test]

@@ -15,6 +15,11 @@
 //! 5. the facilitator's `/verify` ([`facilitator`]), and `/settle` before the upstream
 //!    (`settle = "before_upstream"`) or once its response head is known (default).
 //!
+//! Whether a response is paid for is one rule for every rail, from the route's
+//! `charge_on`: the payment layer commits the grant when the upstream answered below
+//! 500 (`"success"`) or whatever it answered (`"always"`), and this rail settles
+//! whenever its grant is committed.
+//!
 //! Amounts: one micro-USD of the route price is one atomic unit of a 6-decimal token.
 
 pub mod facilitator;
@@ -40,7 +45,7 @@ use self::types::{
     RequirementsV1, RequirementsV2, ResourceInfo, SettleResponse,
 };
 use self::verify::{Authorization, Expected, LocalError};
-use crate::config::{evm_chain_id, ChargeOn, SettleMode, X402Config};
+use crate::config::{evm_chain_id, SettleMode, X402Config};
 use crate::ledger::{Ledger, Settlement};
 use crate::metrics::{Metrics, RailResult};
 use crate::money::Micros;
@@ -545,12 +550,7 @@ impl Rail for X402 {
             SettleMode::BeforeUpstream => Some(s.settle(&pending).await?),
             SettleMode::AfterUpstream => None,
         };
-        Ok(Box::new(X402Grant {
-            shared: self.shared.clone(),
-            pending,
-            settle_always: charge.route.charge_on == ChargeOn::Always,
-            settled,
-        }))
+        Ok(Box::new(X402Grant { shared: self.shared.clone(), pending, settled }))
     }
 
     fn challenge(&self, charge: &Charge<'_>, denial: &Denial) -> ChallengePart {
@@ -635,8 +635,6 @@ struct Pending {
 struct X402Grant {
     shared: Arc<Shared>,
     pending: Pending,
-    /// `charge_on = "always"`: settle whatever the upstream's status.
-    settle_always: bool,
     /// Settled before the upstream (`settle = "before_upstream"`).
     settled: Option<SettleResponse>,
 }
@@ -673,13 +671,14 @@ impl Grant for X402Grant {
         format!("{} {}", Micros(self.pending.amount), self.shared.symbol)
     }
 
-    async fn commit(self: Box<Self>, status: StatusCode) -> Result<Receipt, Denial> {
+    /// Settles whenever it is called. Whether a response is paid for is one rule for
+    /// every rail, applied by the payment layer from the route's `charge_on`
+    /// (`"success"`: the upstream answered below 500; `"always"`), so the reference
+    /// servers' own rule (settle below 400) does not apply: a 404 or 422 the upstream
+    /// answered is paid for, as with credits.
+    async fn commit(self: Box<Self>, _status: StatusCode) -> Result<Receipt, Denial> {
         if let Some(res) = &self.settled {
             return Ok(self.receipt(res));
-        }
-        // Like the reference servers: a failed request is not paid for.
-        if status.as_u16() >= 400 && !self.settle_always {
-            return Ok(Receipt::default());
         }
         let res = self.shared.settle(&self.pending).await?;
         Ok(self.receipt(&res))
