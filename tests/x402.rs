@@ -263,6 +263,7 @@ async fn challenge_uses_route_description_and_mime_type_and_sits_beside_credits(
     let r = get(&gw.url("/paid/x"), &[]).await;
     assert_refused(&r, 402, "payment_missing", "no payment");
     let body = r.json();
+    assert_no_null(&body, "the 402 body beside credits");
     assert_eq!(body["credits"]["scheme"], "Bearer");
     assert_eq!(body["accepts"][0]["description"], "Premium market data");
     assert_eq!(body["accepts"][0]["mimeType"], "text/csv");
