@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need that the
 # machine lacks (promtool from Debian's prometheus package, openssl for test certificates, PostgreSQL server
-# binaries), then runs `cargo test`. Extra arguments go to `cargo test`.
+# binaries, the official x402 clients under target/interop/), then runs `cargo test`.
+# Extra arguments go to `cargo test`. TOLLGATE_SKIP_INTEROP=1 skips installing the x402
+# clients (offline machines); their tests then say they were skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,36 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "test.sh: please install: ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
     exit 1
   fi
+fi
+
+# The official x402 clients that tests/x402.rs runs, pinned in tests/interop/: npm
+# (x402-fetch 1.x, @x402/fetch 2.x) and PyPI (x402 2.x). Installed under
+# target/interop/ and reinstalled only when their pins change; a failed install fails
+# here rather than letting the tests skip.
+interop="$PWD/target/interop"
+install_interop() {
+  local node="$interop/node" venv="$interop/venv"
+  if ! cmp -s tests/interop/package-lock.json "$node/.installed"; then
+    echo "test.sh: installing the npm x402 clients into $node" >&2
+    rm -rf "$node" && mkdir -p "$node"
+    cp -R tests/interop/package.json tests/interop/package-lock.json tests/interop/stub "$node/"
+    (cd "$node" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    cp tests/interop/package-lock.json "$node/.installed"
+  fi
+  if ! cmp -s tests/interop/requirements.txt "$venv/.installed"; then
+    echo "test.sh: installing the Python x402 client into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input -r tests/interop/requirements.txt
+    cp tests/interop/requirements.txt "$venv/.installed"
+  fi
+}
+if [ "${TOLLGATE_SKIP_INTEROP:-}" != 1 ]; then
+  for tool in node npm python3; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "test.sh: $tool is needed for the x402 interop tests (or set TOLLGATE_SKIP_INTEROP=1)" >&2; exit 1; }
+  done
+  install_interop
+  export TOLLGATE_INTEROP_DIR="$interop" TOLLGATE_INTEROP_REQUIRED=1
 fi
 
 exec cargo test "$@"

@@ -170,6 +170,21 @@ fn b64_json(s: &str) -> Value {
     serde_json::from_slice(&STANDARD.decode(s).expect("standard padded base64")).unwrap()
 }
 
+/// Fails when `v` has a `null` anywhere: tollgate leaves absent optional members out.
+fn assert_no_null(v: &Value, what: &str) {
+    fn walk(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Null => out.push(at),
+            Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| walk(v, format!("{at}[{i}]"), out)),
+            Value::Object(m) => m.iter().for_each(|(k, v)| walk(v, format!("{at}.{k}"), out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    walk(v, "$".into(), &mut found);
+    assert!(found.is_empty(), "{what} has null at {found:?}: {v}");
+}
+
 fn assert_refused(r: &Reply, status: u16, reason: &str, what: &str) {
     assert_eq!(r.status, status, "{what}: {}", r.text());
     assert_eq!(r.json()["reason"], reason, "{what}: {}", r.text());
@@ -198,7 +213,7 @@ async fn challenge_has_v1_body_and_v2_header_for_every_offer() {
         json!({
             "scheme": "exact", "network": network, "maxAmountRequired": "10000", "asset": asset,
             "payTo": PAY_TO, "resource": "https://api.test/paid/report", "description": "Access to route paid",
-            "mimeType": "application/json", "outputSchema": null, "maxTimeoutSeconds": 60,
+            "mimeType": "application/json", "maxTimeoutSeconds": 60,
             "extra": {"name": name, "version": "2"}
         })
     };
@@ -226,9 +241,12 @@ async fn challenge_has_v1_body_and_v2_header_for_every_offer() {
             "extensions": {}
         })
     );
-    // Compact JSON, as the official clients expect.
+    // Compact JSON, as the official clients expect, and absent optional members left out
+    // (the legacy npm client refuses `"outputSchema": null`).
     let raw = String::from_utf8(STANDARD.decode(header).unwrap()).unwrap();
     assert!(!raw.contains(": ") && !raw.contains('\n'), "{raw}");
+    assert_no_null(&body, "the 402 body");
+    assert_no_null(&b64_json(header), "PAYMENT-REQUIRED");
     assert_eq!(up.hits(), 0);
     gw.shutdown().await;
 }
@@ -245,6 +263,7 @@ async fn challenge_uses_route_description_and_mime_type_and_sits_beside_credits(
     let r = get(&gw.url("/paid/x"), &[]).await;
     assert_refused(&r, 402, "payment_missing", "no payment");
     let body = r.json();
+    assert_no_null(&body, "the 402 body beside credits");
     assert_eq!(body["credits"]["scheme"], "Bearer");
     assert_eq!(body["accepts"][0]["description"], "Premium market data");
     assert_eq!(body["accepts"][0]["mimeType"], "text/csv");
@@ -289,6 +308,7 @@ async fn round_trip(p: Payment) {
     let (settle_header, network) =
         if p.version == 1 { ("x-payment-response", "base-sepolia") } else { ("payment-response", "eip155:84532") };
     let receipt = b64_json(r.header(settle_header).expect("settlement header"));
+    assert_no_null(&receipt, settle_header);
     assert_eq!(receipt, json!({"success": true, "payer": DEV_ADDR, "transaction": TX_HASH, "network": network}));
     assert_eq!(r.header("x-tollgate-charged"), Some("0.01 USDC"));
     let expose = r.header("access-control-expose-headers").unwrap().to_ascii_lowercase();
@@ -312,6 +332,7 @@ async fn round_trip(p: Payment) {
         v2
     };
     for c in &calls {
+        assert_no_null(&c.body["paymentRequirements"], &c.path);
         assert_eq!(c.body["x402Version"], p.version);
         assert_eq!(c.body["paymentPayload"], p.json());
         assert_eq!(c.body["paymentRequirements"], offered);
@@ -641,7 +662,30 @@ async fn facilitator_refusals_map_to_reasons_with_the_original_cause() {
             "invalid_exact_evm_nonce_already_used",
         ),
         (invalid("invalid_network"), 402, "payment_method_unsupported", "invalid_network"),
-        (invalid("invalid_payload"), 402, "payment_malformed", "invalid_payload"),
+        (invalid("invalid_payload"), 402, "payment_invalid", "invalid_payload"),
+        // The current SDKs' spellings (Python x402 2.25, @x402/evm 2.27).
+        (
+            invalid("invalid_exact_evm_insufficient_balance"),
+            402,
+            "insufficient_funds",
+            "invalid_exact_evm_insufficient_balance",
+        ),
+        (body400("permit2_insufficient_balance"), 402, "insufficient_funds", "permit2_insufficient_balance"),
+        (invalid("permit2_invalid_nonce"), 402, "payment_replayed", "permit2_invalid_nonce"),
+        (invalid("permit2_deadline_expired"), 402, "payment_expired", "permit2_deadline_expired"),
+        (
+            invalid("invalid_exact_evm_payload_recipient_mismatch"),
+            402,
+            "payment_invalid",
+            "invalid_exact_evm_payload_recipient_mismatch",
+        ),
+        (invalid("network_mismatch"), 402, "payment_method_unsupported", "network_mismatch"),
+        (
+            invalid("invalid_exact_evm_failed_to_get_network_config"),
+            402,
+            "payment_invalid",
+            "invalid_exact_evm_failed_to_get_network_config",
+        ),
         (invalid("unexpected_verify_error"), 402, "payment_invalid", "unexpected_verify_error"),
         (Verify::Http(400, json!({"error": "bad things"})), 402, "payment_invalid", "bad things"),
         (Verify::Http(500, json!({"error": "boom"})), 503, "payment_backend_unavailable", "facilitator_http_error"),
@@ -678,25 +722,42 @@ async fn failed_settlement_withholds_the_upstream_response() {
     let up = ok_upstream().await;
     let fac = FakeFacilitator::start(&[]).await;
     let gw = gateway(&impatient(config(&up, &fac.url(), "", ""))).await;
+    // A refusal of the payment itself says why, by the code's meaning; a fault of the
+    // facilitator or the chain is `settlement_failed`.
     let cases = [
-        (Settle::Fail("insufficient_funds".into()), "insufficient_funds"),
+        (Settle::Fail("insufficient_funds".into()), "insufficient_funds", "insufficient_funds"),
+        (
+            Settle::Fail("invalid_exact_evm_insufficient_balance".into()),
+            "insufficient_funds",
+            "invalid_exact_evm_insufficient_balance",
+        ),
+        (
+            Settle::Fail("invalid_exact_evm_nonce_already_used".into()),
+            "payment_replayed",
+            "invalid_exact_evm_nonce_already_used",
+        ),
+        (Settle::Fail("transaction_failed".into()), "settlement_failed", "transaction_failed"),
+        (Settle::Fail("unexpected_settle_error".into()), "settlement_failed", "unexpected_settle_error"),
         (
             Settle::Http(
                 400,
                 json!({"success": false, "errorReason": "invalid_transaction_state", "transaction": "", "network": "eip155:84532"}),
             ),
+            "settlement_failed",
             "invalid_transaction_state",
         ),
-        (Settle::Hang, "facilitator_timeout"),
-        (Settle::Http(502, json!({})), "facilitator_http_error"),
+        (Settle::Hang, "settlement_failed", "facilitator_timeout"),
+        (Settle::Http(502, json!({})), "settlement_failed", "facilitator_http_error"),
     ];
-    for (i, (answer, cause)) in cases.into_iter().enumerate() {
+    for (i, (answer, reason, cause)) in cases.into_iter().enumerate() {
         fac.set_settle(answer);
         let r = pay(&gw, &Payment::v2()).await;
-        assert_refused(&r, 402, "settlement_failed", cause);
+        assert_refused(&r, 402, reason, cause);
         assert_eq!(r.json()["cause"], cause);
         assert!(r.json().get("ok").is_none(), "the upstream body is not delivered");
         let settle = b64_json(r.header("payment-response").expect("the failed settlement is reported"));
+        assert_no_null(&settle, "PAYMENT-RESPONSE of a failed settlement");
+        assert_no_null(&b64_json(r.header("payment-required").unwrap()), "PAYMENT-REQUIRED");
         assert_eq!(settle["success"], false);
         assert_eq!(settle["errorReason"], cause);
         assert_eq!(settle["transaction"], "");
@@ -709,22 +770,37 @@ async fn failed_settlement_withholds_the_upstream_response() {
     gw.shutdown().await;
 }
 
+/// One charge rule for every rail: under `charge_on = "success"` an upstream answer
+/// below 500 is paid for (a 404 or 422 the upstream chose to give, as with credits), and
+/// a 5xx is not.
 #[tokio::test]
-async fn upstream_failures_are_not_settled() {
+async fn charge_on_success_settles_below_500_and_not_from_500() {
     let fac = FakeFacilitator::start(&[]).await;
-    for status in [500, 404] {
+    for (status, settles) in [(404, true), (422, true), (201, true), (500, false), (503, false)] {
         let up = status_upstream(status).await;
         let gw = gateway(&config(&up, &fac.url(), "", "")).await;
-        let settles = fac.settle_calls();
-        let r = pay(&gw, &Payment::v1()).await;
-        assert_eq!(r.status, status);
-        assert_eq!(up.hits(), 1);
-        assert_eq!(fac.settle_calls(), settles, "no settle for an upstream {status}");
-        assert!(r.header("x-payment-response").is_none() && r.header("x-tollgate-charged").is_none());
-        assert!(gw.ledger.settlements(10).await.unwrap().is_empty());
+        let before = fac.settle_calls();
+        for p in [Payment::v1(), Payment::v2()] {
+            let r = pay(&gw, &p).await;
+            assert_eq!(r.status, status, "{}", r.text());
+            let header = if p.version == 1 { "x-payment-response" } else { "payment-response" };
+            if settles {
+                let receipt = b64_json(r.header(header).expect("a settled answer carries its receipt"));
+                assert_eq!(receipt["success"], true, "{status}");
+                assert_eq!(receipt["transaction"], TX_HASH);
+                assert_eq!(r.header("x-tollgate-charged"), Some("0.01 USDC"), "{status}");
+            } else {
+                assert!(r.header(header).is_none() && r.header("x-tollgate-charged").is_none(), "{status}");
+            }
+        }
+        let want = if settles { 2 } else { 0 };
+        assert_eq!(fac.settle_calls() - before, want, "settles for an upstream {status}");
+        assert_eq!(gw.ledger.settlements(10).await.unwrap().len(), want, "settlements recorded for {status}");
+        assert_eq!(up.hits(), 2);
         gw.shutdown().await;
     }
-    assert_eq!(fac.verify_calls(), 2);
+    assert_eq!(fac.verify_calls(), 10);
+    assert_eq!(fac.problems(), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -757,9 +833,13 @@ async fn settle_before_upstream_settles_first() {
     assert_eq!(b64_json(r.header("payment-response").unwrap())["transaction"], TX_HASH);
     assert_eq!(r.header("x-tollgate-charged"), Some("0.01 USDC"));
 
-    fac.set_settle(Settle::Fail("insufficient_funds".into()));
+    fac.set_settle(Settle::Fail("transaction_failed".into()));
     let r = pay(&gw, &Payment::v2()).await;
     assert_refused(&r, 402, "settlement_failed", "settle refused before the upstream");
+    fac.set_settle(Settle::Fail("invalid_exact_evm_insufficient_balance".into()));
+    let r = pay(&gw, &Payment::v2()).await;
+    assert_refused(&r, 402, "insufficient_funds", "an unfunded wallet, settled before the upstream");
+    assert_eq!(r.json()["cause"], "invalid_exact_evm_insufficient_balance");
     assert_eq!(up.hits(), 1, "a payment that did not settle never reaches the upstream");
     gw.shutdown().await;
 }
@@ -858,4 +938,148 @@ async fn check_supported_reports_each_configured_kind() {
     down.facilitator = closed_port_url().await;
     assert!(check_supported(&down).await.is_err());
     gw.shutdown().await;
+}
+
+// === the official clients ===
+//
+// Each official x402 client, pinned in tests/interop/ (package.json + package-lock.json,
+// requirements.txt), pays tollgate end to end: it parses the 402 as tollgate writes it,
+// selects a requirement, signs with the dev key, retries, and gets the paid 200. tollgate
+// checks the signature locally (EIP-712 recovery) before the fake facilitator sees it,
+// so a payment signed for anything but the offered requirement fails. scripts/test.sh
+// installs the clients under target/interop/ and sets TOLLGATE_INTEROP_REQUIRED=1,
+// which turns a missing install into a failure instead of a skip.
+
+/// Where scripts/test.sh installs the clients (`TOLLGATE_INTEROP_DIR` overrides).
+fn interop_dir() -> std::path::PathBuf {
+    std::env::var_os("TOLLGATE_INTEROP_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop"))
+}
+
+/// The program and arguments that run `script` with its installed client, or why not.
+fn interop_command(script: &str) -> Result<(std::path::PathBuf, Vec<std::path::PathBuf>), String> {
+    let dir = interop_dir();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
+    // scripts/test.sh writes `.installed` (the pins installed) once an install succeeded.
+    let installed = |sub: &str| {
+        let stamp = dir.join(sub).join(".installed");
+        if stamp.exists() {
+            Ok(dir.join(sub))
+        } else {
+            Err(format!("{} is missing", stamp.display()))
+        }
+    };
+    if script.ends_with(".py") {
+        return Ok((installed("venv")?.join("bin/python"), vec![source]));
+    }
+    // Node resolves a script's imports from the script's own folder: run a copy beside
+    // the installed node_modules.
+    let node_dir = installed("node")?;
+    let copy = node_dir.join(script);
+    std::fs::copy(&source, &copy).map_err(|e| format!("copying {}: {e}", source.display()))?;
+    Ok(("node".into(), vec![copy]))
+}
+
+/// Runs one official client against `url`; its one line of JSON output, or `None` when
+/// the client is not installed (skipped, loudly, unless TOLLGATE_INTEROP_REQUIRED=1).
+async fn run_official_client(script: &str, url: &str) -> Option<Value> {
+    let (program, args) = match interop_command(script) {
+        Ok(c) => c,
+        Err(why) => {
+            let msg = format!("official x402 client {script} not installed ({why}); run scripts/test.sh to install it");
+            assert!(std::env::var_os("TOLLGATE_INTEROP_REQUIRED").is_none(), "{msg}");
+            // Straight to stderr: the test harness captures `eprintln!` of passing tests.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
+            return None;
+        }
+    };
+    let mut child = tokio::process::Command::new(&program)
+        .args(&args)
+        .arg(url)
+        .env("X402_PRIVATE_KEY", DEV_KEY)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let run = async {
+        use tokio::io::AsyncReadExt;
+        let (o, e) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        o.and(e).expect("reading the client's output");
+        child.wait().await.expect("waiting for the client")
+    };
+    // A bound, not a timing assertion: a hung client fails the test instead of hanging it.
+    let status = match tokio::time::timeout(Duration::from_secs(120), run).await {
+        Ok(status) => status,
+        Err(_) => {
+            child.start_kill().expect("killing the client by its pid");
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+            panic!("{script} did not finish within 120 s");
+        }
+    };
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    assert!(status.success(), "{script} failed ({status}):\n{err}\n{out}");
+    let line = out.lines().last().unwrap_or_else(|| panic!("{script} printed nothing:\n{err}"));
+    Some(serde_json::from_str(line).unwrap_or_else(|e| panic!("{script} printed {line:?} ({e}):\n{err}")))
+}
+
+/// One official client pays tollgate: 402 parsed, payment signed by the dev key in the
+/// protocol `version`, verified and settled, the upstream's 200 delivered with its receipt.
+async fn official_client_pays(script: &str, version: u8) {
+    let up = ok_upstream().await;
+    let fac = FakeFacilitator::start(&[]).await;
+    let gw = gateway(&config(&up, &fac.url(), "", "")).await;
+    let Some(out) = run_official_client(script, &gw.url("/paid/data")).await else {
+        gw.shutdown().await;
+        return;
+    };
+    let client = &out["client"];
+    assert_eq!(out["status"], 200, "{client}: {out}");
+    let body: Value = serde_json::from_str(out["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body, json!({"ok": true, "path": "/paid/data"}), "{client}: the upstream's answer");
+    assert_eq!(up.hits(), 1, "{client}: only the paid request reaches the upstream");
+    assert_eq!(up.last().headers.get("x-tollgate-payer").unwrap(), DEV_ADDR);
+
+    // The facilitator saw one payment, in the expected protocol version, from the dev
+    // key, for the offered requirement; it found nothing wrong in what tollgate sent.
+    assert_eq!((fac.verify_calls(), fac.settle_calls()), (1, 1), "{client}");
+    assert_eq!(fac.problems(), Vec::<String>::new(), "{client}");
+    for call in fac.calls() {
+        let b = &call.body;
+        assert_eq!(b["x402Version"], version, "{client} {}", call.path);
+        let auth = &b["paymentPayload"]["payload"]["authorization"];
+        assert_eq!(auth["from"].as_str().unwrap().to_lowercase(), DEV_ADDR.to_lowercase(), "{client}");
+        assert_eq!(auth["to"].as_str().unwrap().to_lowercase(), PAY_TO.to_lowercase(), "{client}");
+        assert_eq!(auth["value"], "10000", "{client}");
+        let network = if version == 1 { "base-sepolia" } else { "eip155:84532" };
+        assert_eq!(b["paymentRequirements"]["network"], network, "{client}");
+        assert_no_null(&b["paymentRequirements"], client.as_str().unwrap());
+    }
+
+    // The client read the receipt tollgate returned.
+    let settlement = &out["settlement"];
+    assert_eq!(settlement["success"], true, "{client}: {out}");
+    assert_eq!(settlement["transaction"], TX_HASH, "{client}");
+    assert_eq!(gw.ledger.settlements(10).await.unwrap().len(), 1, "{client}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn official_npm_client_x402_fetch_v1_pays() {
+    official_client_pays("x402-fetch-v1.mjs", 1).await;
+}
+
+#[tokio::test]
+async fn official_npm_client_x402_fetch_v2_pays() {
+    official_client_pays("x402-fetch-v2.mjs", 2).await;
+}
+
+#[tokio::test]
+async fn official_python_client_x402_pays() {
+    official_client_pays("x402_httpx.py", 2).await;
 }

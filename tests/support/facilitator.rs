@@ -258,6 +258,15 @@ fn check_request(st: &State, method: &Method, headers: &HeaderMap, body: &Value)
             p.push(format!("paymentRequirements.{k} missing"));
         }
     }
+    // The official facilitators validate requirements with schemas that accept a
+    // member or its absence, never `null` (x402-fetch 1.x and `outputSchema`).
+    if let Some(m) = req.as_object() {
+        for (k, v) in m {
+            if v.is_null() || v.as_object().is_some_and(|o| o.values().any(Value::is_null)) {
+                p.push(format!("paymentRequirements.{k} is or holds null"));
+            }
+        }
+    }
     if version == Some(1) {
         if req["network"] != body["paymentPayload"]["network"] {
             p.push("v1 requirements network differs from the payload's".into());

@@ -213,22 +213,110 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Maps a facilitator's `invalidReason` / `errorReason` to a DESIGN §4 reason. The
-/// original string goes in the problem's `cause`.
-pub fn map_reason(reason: &str) -> Reason {
-    let r = reason.to_ascii_lowercase();
-    if r.contains("insufficient_funds") {
-        Reason::InsufficientFunds
-    } else if r.contains("valid_before") || r.contains("valid_after") || r.contains("expired") {
-        Reason::PaymentExpired
-    } else if r.contains("nonce") {
-        Reason::PaymentReplayed
-    } else if r == "invalid_network" || r.contains("network_mismatch") || r.contains("scheme") {
-        Reason::PaymentMethodUnsupported
-    } else if r == "invalid_payload" || r == "invalid_x402_version" {
-        Reason::PaymentMalformed
+/// Maps a facilitator's `invalidReason` (from `/verify`) to a DESIGN §4 reason; the
+/// original code goes in the problem's `cause`. See [`reason_family`].
+pub fn verify_reason(code: &str) -> Reason {
+    reason_family(code).unwrap_or(Reason::PaymentInvalid)
+}
+
+/// Maps a facilitator's `errorReason` (from `/settle`) to a DESIGN §4 reason: a refusal
+/// of the payment itself says why (an unfunded wallet is `insufficient_funds`), and
+/// anything else that failed after verification is `settlement_failed`.
+pub fn settle_reason(code: &str) -> Reason {
+    reason_family(code).unwrap_or(Reason::SettlementFailed)
+}
+
+/// What a facilitator's refusal code means, read by family rather than by exact
+/// spelling, because each SDK generation spells them differently: the v1 era's
+/// `insufficient_funds` is `invalid_exact_evm_insufficient_balance` or
+/// `permit2_insufficient_balance` in the current Python (`mechanisms/evm/constants.py`)
+/// and TypeScript (`@x402/evm`) SDKs, and new schemes add their own prefixes. The code
+/// is split into its `_`-separated words and matched on word sequences, in this order:
+///
+/// 1. a fault of the facilitator or the chain (`unexpected_…`, a failed transaction,
+///    simulation, broadcast or lookup): `None`, the caller's default;
+/// 2. the payer's balance: `insufficient_funds`;
+/// 3. a nonce already used, a duplicate settlement: `payment_replayed`;
+/// 4. the validity window (`valid_before`, `valid_after`, expired, not yet valid, too
+///    early): `payment_expired`;
+/// 5. a scheme, network, asset transfer method or protocol version the facilitator does
+///    not take: `payment_method_unsupported`;
+/// 6. signature, recipient, amount, token or payload: `payment_invalid`.
+///
+/// Anything else is `None`.
+pub fn reason_family(code: &str) -> Option<Reason> {
+    let lower = code.to_ascii_lowercase();
+    let words: Vec<&str> = lower.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()).collect();
+    let has = |seq: &[&str]| words.windows(seq.len()).any(|w| w == seq);
+    let any = |seqs: &[&[&str]]| seqs.iter().any(|seq| has(seq));
+
+    let fault: &[&[&str]] = &[
+        &["unexpected"],
+        &["transaction", "failed"],
+        &["simulation", "failed"],
+        &["broadcast", "failed"],
+        &["tx", "failed"],
+        &["deployment", "failed"],
+        &["failed", "to"],
+        &["invalid", "transaction", "state"],
+        &["settlement", "pending"],
+        &["timed", "out"],
+        &["unavailable"],
+        &["rpc"],
+    ];
+    let balance: &[&[&str]] = &[&["insufficient", "funds"], &["insufficient", "balance"], &["exceeds", "balance"]];
+    let replayed: &[&[&str]] = &[
+        &["nonce", "already", "used"],
+        &["nonce", "used"],
+        &["nonce", "reused"],
+        &["already", "used"],
+        &["permit2", "invalid", "nonce"],
+        &["duplicate", "settlement"],
+    ];
+    let expired: &[&[&str]] = &[
+        &["valid", "before"],
+        &["valid", "after"],
+        &["expired"],
+        &["not", "yet", "valid"],
+        &["too", "early"],
+        &["block", "height", "exceeded"],
+    ];
+    let unsupported: &[&[&str]] = &[
+        &["unsupported"],
+        &["not", "supported"],
+        &["scheme"],
+        &["network"],
+        &["x402", "version"],
+        &["asset", "not", "deployed"],
+    ];
+    let invalid: &[&[&str]] = &[
+        &["signature"],
+        &["recipient"],
+        &["receiver"],
+        &["destination"],
+        &["spender"],
+        &["owner"],
+        &["mismatch"],
+        &["amount"],
+        &["value"],
+        &["payload"],
+        &["payment"],
+        &["allowance"],
+    ];
+    if any(fault) {
+        None
+    } else if any(balance) || lower.contains("insufficientbalance") {
+        Some(Reason::InsufficientFunds)
+    } else if any(replayed) {
+        Some(Reason::PaymentReplayed)
+    } else if any(expired) {
+        Some(Reason::PaymentExpired)
+    } else if any(unsupported) {
+        Some(Reason::PaymentMethodUnsupported)
+    } else if any(invalid) {
+        Some(Reason::PaymentInvalid)
     } else {
-        Reason::PaymentInvalid
+        None
     }
 }
 
@@ -236,28 +324,109 @@ pub fn map_reason(reason: &str) -> Reason {
 mod tests {
     use super::*;
 
+    /// Codes the facilitators emit, by SDK generation: the v1 era (npm `x402` 1.2
+    /// `ErrorReasons`), the current Python SDK 2.25 (`mechanisms/evm/constants.py`,
+    /// `exact/permit2_utils.py`) and TypeScript `@x402/evm` 2.27, with the reason each
+    /// must give on `/verify` and on `/settle`.
+    const CODES: &[(&str, Reason)] = &[
+        // The payer's balance.
+        ("insufficient_funds", Reason::InsufficientFunds),
+        ("invalid_exact_evm_insufficient_balance", Reason::InsufficientFunds),
+        ("permit2_insufficient_balance", Reason::InsufficientFunds),
+        ("invalid_batch_settlement_evm_insufficient_balance", Reason::InsufficientFunds),
+        ("invalid_batch_settlement_evm_cumulative_exceeds_balance", Reason::InsufficientFunds),
+        ("ERC20InsufficientBalance", Reason::InsufficientFunds),
+        // A nonce already used.
+        ("invalid_exact_evm_nonce_already_used", Reason::PaymentReplayed),
+        ("permit2_invalid_nonce", Reason::PaymentReplayed),
+        ("duplicate_settlement", Reason::PaymentReplayed),
+        ("nonce_already_used", Reason::PaymentReplayed),
+        // The validity window.
+        ("invalid_exact_evm_payload_authorization_valid_before", Reason::PaymentExpired),
+        ("invalid_exact_evm_payload_authorization_valid_after", Reason::PaymentExpired),
+        ("invalid_batch_settlement_evm_payload_authorization_valid_before", Reason::PaymentExpired),
+        ("permit2_deadline_expired", Reason::PaymentExpired),
+        ("permit2_not_yet_valid", Reason::PaymentExpired),
+        ("permit2_payment_too_early", Reason::PaymentExpired),
+        ("eip2612_deadline_expired", Reason::PaymentExpired),
+        ("payment_expired", Reason::PaymentExpired),
+        // Signature, recipient, amount, token, payload.
+        ("invalid_exact_evm_payload_signature", Reason::PaymentInvalid),
+        ("invalid_exact_evm_signature", Reason::PaymentInvalid),
+        ("invalid_permit2_signature", Reason::PaymentInvalid),
+        ("invalid_exact_evm_recipient_mismatch", Reason::PaymentInvalid),
+        ("invalid_exact_evm_payload_recipient_mismatch", Reason::PaymentInvalid),
+        ("invalid_permit2_recipient_mismatch", Reason::PaymentInvalid),
+        ("invalid_permit2_spender", Reason::PaymentInvalid),
+        ("permit2_invalid_destination", Reason::PaymentInvalid),
+        ("permit2_invalid_owner", Reason::PaymentInvalid),
+        ("invalid_exact_evm_authorization_value", Reason::PaymentInvalid),
+        ("invalid_exact_evm_payload_authorization_value", Reason::PaymentInvalid),
+        ("invalid_exact_evm_payload_authorization_value_mismatch", Reason::PaymentInvalid),
+        ("permit2_amount_mismatch", Reason::PaymentInvalid),
+        ("invalid_upto_evm_payload_settlement_exceeds_amount", Reason::PaymentInvalid),
+        ("invalid_exact_svm_payload_amount_insufficient", Reason::PaymentInvalid),
+        ("invalid_exact_evm_token_name_mismatch", Reason::PaymentInvalid),
+        ("permit2_token_mismatch", Reason::PaymentInvalid),
+        ("invalid_exact_evm_payload_undeployed_smart_wallet", Reason::PaymentInvalid),
+        ("permit2_allowance_required", Reason::PaymentInvalid),
+        ("invalid_payload", Reason::PaymentInvalid),
+        ("invalid_payment", Reason::PaymentInvalid),
+        // Scheme, network, asset, version.
+        ("invalid_network", Reason::PaymentMethodUnsupported),
+        ("network_mismatch", Reason::PaymentMethodUnsupported),
+        ("invalid_exact_evm_network_mismatch", Reason::PaymentMethodUnsupported),
+        ("invalid_scheme", Reason::PaymentMethodUnsupported),
+        ("unsupported_scheme", Reason::PaymentMethodUnsupported),
+        ("invalid_exact_evm_scheme", Reason::PaymentMethodUnsupported),
+        ("unsupported_asset_transfer_method", Reason::PaymentMethodUnsupported),
+        ("invalid_exact_evm_eip3009_not_supported", Reason::PaymentMethodUnsupported),
+        ("asset_not_deployed_contract", Reason::PaymentMethodUnsupported),
+        ("invalid_x402_version", Reason::PaymentMethodUnsupported),
+    ];
+
+    /// Faults of the facilitator or the chain, and codes of no known family: the
+    /// caller's default (`payment_invalid` on verify, `settlement_failed` on settle).
+    const NO_FAMILY: &[&str] = &[
+        "unexpected_verify_error",
+        "unexpected_settle_error",
+        "transaction_failed",
+        "invalid_exact_evm_transaction_failed",
+        "invalid_exact_evm_transaction_simulation_failed",
+        "invalid_exact_evm_failed_to_get_network_config",
+        "invalid_exact_evm_failed_to_verify_signature",
+        "invalid_transaction_state",
+        "smart_wallet_deployment_failed",
+        "erc20_approval_tx_failed",
+        "settle_exact_svm_transaction_confirmation_timed_out",
+        "missing_eip712_domain",
+        "something_new",
+        "",
+    ];
+
     #[test]
-    fn facilitator_reasons_map_to_design_reasons() {
-        let cases = [
-            ("insufficient_funds", Reason::InsufficientFunds),
-            ("invalid_exact_evm_payload_authorization_valid_before", Reason::PaymentExpired),
-            ("invalid_exact_evm_payload_authorization_valid_after", Reason::PaymentExpired),
-            ("invalid_exact_evm_payload_signature", Reason::PaymentInvalid),
-            ("invalid_exact_evm_signature", Reason::PaymentInvalid),
-            ("invalid_exact_evm_authorization_value", Reason::PaymentInvalid),
-            ("invalid_exact_evm_recipient_mismatch", Reason::PaymentInvalid),
-            ("invalid_exact_evm_nonce_already_used", Reason::PaymentReplayed),
-            ("invalid_network", Reason::PaymentMethodUnsupported),
-            ("invalid_scheme", Reason::PaymentMethodUnsupported),
-            ("unsupported_scheme", Reason::PaymentMethodUnsupported),
-            ("invalid_payload", Reason::PaymentMalformed),
-            ("invalid_x402_version", Reason::PaymentMalformed),
-            ("unexpected_verify_error", Reason::PaymentInvalid),
-            ("something_new", Reason::PaymentInvalid),
-        ];
-        for (s, want) in cases {
-            assert_eq!(map_reason(s), want, "{s}");
+    fn facilitator_codes_map_by_family_on_verify_and_settle() {
+        for &(code, want) in CODES {
+            assert_eq!(reason_family(code), Some(want), "{code}");
+            assert_eq!(verify_reason(code), want, "verify {code}");
+            assert_eq!(settle_reason(code), want, "settle {code}");
         }
+        for &code in NO_FAMILY {
+            assert_eq!(reason_family(code), None, "{code}");
+            assert_eq!(verify_reason(code), Reason::PaymentInvalid, "verify {code}");
+            assert_eq!(settle_reason(code), Reason::SettlementFailed, "settle {code}");
+        }
+    }
+
+    #[test]
+    fn families_match_whole_words_in_any_case() {
+        assert_eq!(reason_family("INVALID_EXACT_EVM_INSUFFICIENT_BALANCE"), Some(Reason::InsufficientFunds));
+        assert_eq!(reason_family("insufficient-funds"), Some(Reason::InsufficientFunds));
+        // "networks" and "unscheme" are not the words "network" and "scheme".
+        assert_eq!(reason_family("networks_busy"), None);
+        assert_eq!(reason_family("unscheme"), None);
+        // A window code outranks the payload it sits in.
+        assert_eq!(reason_family("invalid_exact_evm_payload_authorization_valid_after"), Some(Reason::PaymentExpired));
     }
 
     #[test]

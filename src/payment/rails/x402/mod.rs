@@ -15,6 +15,11 @@
 //! 5. the facilitator's `/verify` ([`facilitator`]), and `/settle` before the upstream
 //!    (`settle = "before_upstream"`) or once its response head is known (default).
 //!
+//! Whether a response is paid for is one rule for every rail, from the route's
+//! `charge_on`: the payment layer commits the grant when the upstream answered below
+//! 500 (`"success"`) or whatever it answered (`"always"`), and this rail settles
+//! whenever its grant is committed.
+//!
 //! Amounts: one micro-USD of the route price is one atomic unit of a 6-decimal token.
 
 pub mod facilitator;
@@ -34,13 +39,13 @@ use http::{HeaderMap, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Map, Value};
 
-use self::facilitator::{map_reason, FacilitatorClient, FacilitatorError, Verdict};
+use self::facilitator::{settle_reason, verify_reason, FacilitatorClient, FacilitatorError, Verdict};
 use self::types::{
-    AssetExtra, FacilitatorRequest, PaymentPayloadV1, PaymentPayloadV2, PaymentRequiredV2, RequirementsV1,
-    RequirementsV2, ResourceInfo, SettleResponse,
+    AssetExtra, FacilitatorRequest, PaymentPayloadV1, PaymentPayloadV2, PaymentRequiredV2, Requirements,
+    RequirementsV1, RequirementsV2, ResourceInfo, SettleResponse,
 };
 use self::verify::{Authorization, Expected, LocalError};
-use crate::config::{evm_chain_id, ChargeOn, SettleMode, X402Config};
+use crate::config::{evm_chain_id, SettleMode, X402Config};
 use crate::ledger::{Ledger, Settlement};
 use crate::metrics::{Metrics, RailResult};
 use crate::money::Micros;
@@ -410,9 +415,9 @@ impl Shared {
         };
         // Like the reference servers, the refusal carries the failed SettleResponse in
         // the version's settlement header.
-        let failed = |cause: String, why: &str| {
+        let failed = |reason: Reason, cause: String, why: &str| {
             let mut d = deny(
-                Reason::SettlementFailed,
+                reason,
                 format!("The x402 payment was verified but could not be settled ({why}); you were not served. Retry with a new payment."),
             );
             let body = SettleResponse {
@@ -422,10 +427,7 @@ impl Shared {
                 transaction: String::new(),
                 network: p.network.clone(),
             };
-            let name = if p.version == 1 { X_PAYMENT_RESPONSE } else { PAYMENT_RESPONSE };
-            if let Some(v) =
-                serde_json::to_vec(&body).ok().and_then(|j| HeaderValue::from_str(&STANDARD.encode(j)).ok())
-            {
+            if let Some((name, v)) = settlement_header(p.version, &body) {
                 d = d.header(name, v);
             }
             d.cause(cause)
@@ -435,14 +437,14 @@ impl Shared {
             Err(e) => {
                 self.calls.settle_error.inc();
                 tracing::warn!(error = %e, request_id = %p.request_id, payer = %p.payer, "x402 settle failed");
-                return Err(failed(e.cause().to_owned(), "the facilitator did not answer"));
+                return Err(failed(Reason::SettlementFailed, e.cause().to_owned(), "the facilitator did not answer"));
             }
         };
         if !res.success {
             self.calls.settle_failed.inc();
             let reason = res.error_reason.clone().unwrap_or_else(|| "unknown".to_owned());
             tracing::info!(reason = %reason, request_id = %p.request_id, payer = %p.payer, "x402 settle refused");
-            return Err(failed(reason, "the facilitator refused it"));
+            return Err(failed(settle_reason(&reason), reason, "the facilitator refused it"));
         }
         self.calls.settle_ok.inc();
         let settlement = Settlement {
@@ -506,12 +508,11 @@ impl Rail for X402 {
 
         let offer = sel.offer;
         let resource = resource_info(charge);
-        let requirements = if sel.version == 1 {
-            serde_json::to_value(offer.v1(charge.price, &resource, s.max_timeout))
-        } else {
-            serde_json::to_value(offer.v2(charge.price, s.max_timeout))
-        }
-        .unwrap_or(Value::Null);
+        // The selected offer: a v1 payment only ever selects an offer with a v1 name.
+        let requirements = match offer.v1(charge.price, &resource, s.max_timeout) {
+            Some(v1) if sel.version == 1 => Requirements::V1(v1),
+            _ => Requirements::V2(offer.v2(charge.price, s.max_timeout)),
+        };
         let pending = Pending {
             version: sel.version,
             payload: raw,
@@ -535,7 +536,7 @@ impl Rail for X402 {
             }
             Ok(Verdict::Invalid { reason }) => {
                 s.calls.verify_invalid.inc();
-                let r = map_reason(&reason);
+                let r = verify_reason(&reason);
                 return Err(deny(r, format!("The facilitator refused the x402 payment ({reason}).")).cause(reason));
             }
             Err(e) => {
@@ -549,12 +550,7 @@ impl Rail for X402 {
             SettleMode::BeforeUpstream => Some(s.settle(&pending).await?),
             SettleMode::AfterUpstream => None,
         };
-        Ok(Box::new(X402Grant {
-            shared: self.shared.clone(),
-            pending,
-            settle_always: charge.route.charge_on == ChargeOn::Always,
-            settled,
-        }))
+        Ok(Box::new(X402Grant { shared: self.shared.clone(), pending, settled }))
     }
 
     fn challenge(&self, charge: &Charge<'_>, denial: &Denial) -> ChallengePart {
@@ -563,15 +559,7 @@ impl Rail for X402 {
         let missing = denial.reason == Reason::PaymentMissing;
         let error_v1 = if missing { "X-PAYMENT header is required" } else { denial.reason.as_str() };
         let error_v2 = if missing { "PAYMENT-SIGNATURE header is required" } else { denial.reason.as_str() };
-        let accepts_v1: Vec<RequirementsV1> =
-            s.offers.iter().filter_map(|o| o.v1(charge.price, &resource, s.max_timeout)).collect();
-        let v2 = PaymentRequiredV2 {
-            x402_version: 2,
-            error: error_v2.to_owned(),
-            accepts: s.offers.iter().map(|o| o.v2(charge.price, s.max_timeout)).collect(),
-            resource,
-            extensions: Map::new(),
-        };
+        let (accepts_v1, v2) = requirements(&s.offers, charge.price, resource, s.max_timeout, error_v2);
 
         let mut part = ChallengePart::default();
         part.body.insert("x402Version".into(), json!(1));
@@ -603,11 +591,39 @@ retries with a signed <code>PAYMENT-SIGNATURE</code> or <code>X-PAYMENT</code> h
     }
 }
 
+/// The requirements of a 402: the v1 `accepts` (offers with a v1 network name) and the
+/// v2 `PaymentRequired` document.
+fn requirements(
+    offers: &[Offer],
+    price: Micros,
+    resource: ResourceInfo,
+    max_timeout: u64,
+    error_v2: &str,
+) -> (Vec<RequirementsV1>, PaymentRequiredV2) {
+    let accepts_v1 = offers.iter().filter_map(|o| o.v1(price, &resource, max_timeout)).collect();
+    let v2 = PaymentRequiredV2 {
+        x402_version: 2,
+        error: error_v2.to_owned(),
+        accepts: offers.iter().map(|o| o.v2(price, max_timeout)).collect(),
+        resource,
+        extensions: Map::new(),
+    };
+    (accepts_v1, v2)
+}
+
+/// The version's settlement header (`X-PAYMENT-RESPONSE` for v1, `PAYMENT-RESPONSE`
+/// for v2): base64 of the compact SettleResponse JSON.
+fn settlement_header(version: u8, res: &SettleResponse) -> Option<(HeaderName, HeaderValue)> {
+    let name = if version == 1 { X_PAYMENT_RESPONSE } else { PAYMENT_RESPONSE };
+    let json = serde_json::to_vec(res).ok()?;
+    Some((name, HeaderValue::from_str(&STANDARD.encode(json)).ok()?))
+}
+
 /// What a verified payment needs to be settled and recorded.
 struct Pending {
     version: u8,
     payload: Value,
-    requirements: Value,
+    requirements: Requirements,
     payer: String,
     amount: u64,
     asset: String,
@@ -619,8 +635,6 @@ struct Pending {
 struct X402Grant {
     shared: Arc<Shared>,
     pending: Pending,
-    /// `charge_on = "always"`: settle whatever the upstream's status.
-    settle_always: bool,
     /// Settled before the upstream (`settle = "before_upstream"`).
     settled: Option<SettleResponse>,
 }
@@ -635,13 +649,8 @@ impl X402Grant {
             transaction: res.transaction.clone(),
             network: if res.network.is_empty() { p.network.clone() } else { res.network.clone() },
         };
-        let name = if p.version == 1 { X_PAYMENT_RESPONSE } else { PAYMENT_RESPONSE };
         let mut headers = Vec::with_capacity(2);
-        if let Ok(v) = serde_json::to_vec(&header).map(|j| STANDARD.encode(j)) {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                headers.push((name, v));
-            }
-        }
+        headers.extend(settlement_header(p.version, &header));
         headers
             .push((HeaderName::from_static("x-tollgate-charged"), money_header(Micros(p.amount), &self.shared.symbol)));
         Receipt { headers, revenue: p.amount }
@@ -662,13 +671,14 @@ impl Grant for X402Grant {
         format!("{} {}", Micros(self.pending.amount), self.shared.symbol)
     }
 
-    async fn commit(self: Box<Self>, status: StatusCode) -> Result<Receipt, Denial> {
+    /// Settles whenever it is called. Whether a response is paid for is one rule for
+    /// every rail, applied by the payment layer from the route's `charge_on`
+    /// (`"success"`: the upstream answered below 500; `"always"`), so the reference
+    /// servers' own rule (settle below 400) does not apply: a 404 or 422 the upstream
+    /// answered is paid for, as with credits.
+    async fn commit(self: Box<Self>, _status: StatusCode) -> Result<Receipt, Denial> {
         if let Some(res) = &self.settled {
             return Ok(self.receipt(res));
-        }
-        // Like the reference servers: a failed request is not paid for.
-        if status.as_u16() >= 400 && !self.settle_always {
-            return Ok(Receipt::default());
         }
         let res = self.shared.settle(&self.pending).await?;
         Ok(self.receipt(&res))
@@ -737,4 +747,85 @@ pub async fn check_supported(cfg: &X402Config) -> Result<Vec<KindSupport>, Facil
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Paths of every `null` in `v`.
+    fn nulls(v: &Value, at: &str, out: &mut Vec<String>) {
+        match v {
+            Value::Null => out.push(at.to_owned()),
+            Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| nulls(v, &format!("{at}[{i}]"), out)),
+            Value::Object(m) => m.iter().for_each(|(k, v)| nulls(v, &format!("{at}.{k}"), out)),
+            _ => {}
+        }
+    }
+
+    fn header_json(h: Option<(HeaderName, HeaderValue)>) -> Value {
+        let (_, v) = h.expect("a settlement header");
+        serde_json::from_slice(&STANDARD.decode(v.as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn no_x402_document_tollgate_writes_contains_null() {
+        let sepolia = Offer::new(
+            "eip155:84532",
+            "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+            "USDC",
+            "2",
+            "0x209693Bc6afc0C5328bA36FaF03C514EF312287C",
+        )
+        .unwrap();
+        // A chain without a v1 name: its v1 requirement is absent, never null.
+        let unnamed = Offer::new("eip155:999999", &sepolia.asset_text, "USDC", "2", &sepolia.pay_to_text).unwrap();
+        let resource = ResourceInfo {
+            url: "https://api.test/paid/x".into(),
+            description: "Access to route paid".into(),
+            mime_type: "application/json".into(),
+        };
+        let offers = [sepolia.clone(), unnamed];
+        let (v1, v2) = requirements(&offers, Micros(10_000), resource.clone(), 60, "payment_missing");
+        assert_eq!(v1.len(), 1);
+        let payload = serde_json::json!({"x402Version": 1});
+        let v1_req = Requirements::V1(sepolia.v1(Micros(10_000), &resource, 60).unwrap());
+        let v2_req = Requirements::V2(sepolia.v2(Micros(10_000), 60));
+        let facilitator = |version, r| {
+            serde_json::to_value(FacilitatorRequest {
+                x402_version: version,
+                payment_payload: &payload,
+                payment_requirements: r,
+            })
+            .unwrap()
+        };
+        // As tollgate writes them: a success (payer from the facilitator or ours), a
+        // refusal, and a facilitator that answered with neither payer nor reason.
+        let settled = |success, error_reason: Option<&str>, payer: Option<&str>| SettleResponse {
+            success,
+            error_reason: error_reason.map(str::to_owned),
+            payer: payer.map(str::to_owned),
+            transaction: String::new(),
+            network: "eip155:84532".into(),
+        };
+        let docs = [
+            ("v1 accepts", serde_json::to_value(&v1).unwrap()),
+            ("PAYMENT-REQUIRED", serde_json::to_value(&v2).unwrap()),
+            ("v1 facilitator request", facilitator(1, &v1_req)),
+            ("v2 facilitator request", facilitator(2, &v2_req)),
+            ("v1 settled", header_json(settlement_header(1, &settled(true, None, Some("0xf39F"))))),
+            ("v2 refused", header_json(settlement_header(2, &settled(false, Some("insufficient_funds"), None)))),
+            ("bare", header_json(settlement_header(2, &settled(false, None, None)))),
+        ];
+        for (what, doc) in docs {
+            let mut found = Vec::new();
+            nulls(&doc, "$", &mut found);
+            assert!(found.is_empty(), "{what} has null at {found:?}: {doc}");
+        }
+        // The optional members are left out, not emptied.
+        let v1_json = serde_json::to_value(&v1[0]).unwrap();
+        assert!(v1_json.get("outputSchema").is_none(), "{v1_json}");
+        let bare = header_json(settlement_header(2, &settled(false, None, None)));
+        assert!(bare.get("errorReason").is_none() && bare.get("payer").is_none(), "{bare}");
+    }
 }

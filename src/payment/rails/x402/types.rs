@@ -6,6 +6,12 @@
 //! strictly where it matters (the authorization and signature shapes, the version, the
 //! scheme and network) and tolerantly elsewhere: unknown members are ignored so that
 //! a newer client's extensions do not break payment.
+//!
+//! An absent optional member is left out, never written as `null`: the official
+//! clients validate with schemas that accept a member's value or its absence only
+//! (the legacy npm `x402-fetch` 1.x refuses `"outputSchema": null`). Every `Option`
+//! serialized here carries `skip_serializing_if`, and a test walks each document
+//! tollgate writes for a `null`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -29,7 +35,8 @@ pub struct RequirementsV1 {
     pub resource: String,
     pub description: String,
     pub mime_type: String,
-    /// Always present (as `null`): the legacy npm client validates the member's presence.
+    /// A JSON schema of the response; tollgate has none to offer, so it is left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub output_schema: Option<Value>,
     pub max_timeout_seconds: u64,
     pub extra: AssetExtra,
@@ -125,13 +132,21 @@ pub struct VersionOnly {
     pub x402_version: Value,
 }
 
+/// The one requirement a payment was matched to, as the facilitator is sent it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Requirements {
+    V1(RequirementsV1),
+    V2(RequirementsV2),
+}
+
 /// The body of `POST /verify` and `POST /settle`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FacilitatorRequest<'a> {
     pub x402_version: u8,
     pub payment_payload: &'a Value,
-    pub payment_requirements: &'a Value,
+    pub payment_requirements: &'a Requirements,
 }
 
 /// `POST /verify` answer.
