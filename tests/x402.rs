@@ -844,6 +844,49 @@ async fn settle_before_upstream_settles_first() {
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn per_key_limits_count_the_wallet_whatever_the_nonce() {
+    let up = ok_upstream().await;
+    let fac = FakeFacilitator::start(&[]).await;
+    let text = config(&up, &fac.url(), "settle = \"before_upstream\"", "")
+        .replace("accept = [\"x402\"]\n", "accept = [\"x402\"]\nrate_limit = { per_key = \"2/hour\" }\n");
+    let gw = gateway(&text).await;
+    // Fresh nonces, both protocol versions: one wallet, one bucket.
+    for p in [Payment::v1(), Payment::v2()] {
+        let r = pay(&gw, &p).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let (verified, settled) = (fac.verify_calls(), fac.settle_calls());
+    for p in [Payment::v1(), Payment::v2()] {
+        let r = pay(&gw, &p).await;
+        assert_refused(&r, 429, "rate_limited", "a fresh nonce from a spent wallet");
+    }
+    assert_eq!(fac.settle_calls(), settled, "a limited payment is never settled");
+    assert_eq!(fac.verify_calls(), verified, "a spent wallet is refused before the facilitator");
+    // Another wallet has its own bucket.
+    let r = pay(&gw, &Payment::v2().with(|p| p.key = OTHER_KEY)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.hits(), 3);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn payment_headers_never_reach_a_free_routes_upstream() {
+    let up = ok_upstream().await;
+    let fac = FakeFacilitator::start(&[]).await;
+    let text = config(&up, &fac.url(), "", "")
+        .replace("[x402]", "[[route]]\nname = \"free\"\nupstream = \"api\"\npath = \"/free/*\"\nfree = true\n\n[x402]");
+    let gw = gateway(&text).await;
+    for p in [Payment::v1(), Payment::v2()] {
+        let (name, value) = p.header();
+        let r = get(&gw.url("/free/x"), &[(name, &value)]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(up.last().headers.get(name).is_none(), "{name} reached a free route's upstream");
+    }
+    assert_eq!(fac.verify_calls(), 0);
+    gw.shutdown().await;
+}
+
 // === the spec's vectors, with an injected clock ===
 
 fn clocked_rails(at: u64) -> tollgate::gateway::RailFactory {

@@ -480,6 +480,17 @@ impl Rail for X402 {
         &self.headers
     }
 
+    /// The signed `from` address: the bucket a per-key limit counts, checked before
+    /// the facilitator is asked (and before `settle = "before_upstream"` settles).
+    fn payer_hint(&self, headers: &HeaderMap) -> Option<String> {
+        let (decoded, _) = decode(headers).ok()?;
+        let from = match &decoded {
+            Decoded::V1(p) => &p.payload.authorization.from,
+            Decoded::V2(p) => &p.payload.authorization.from,
+        };
+        Some(from.to_ascii_lowercase())
+    }
+
     async fn authorize(&self, charge: &Charge<'_>, headers: &HeaderMap) -> Result<Box<dyn Grant>, Denial> {
         let s = &self.shared;
         let (decoded, raw) = decode(headers)?;
