@@ -12,8 +12,8 @@ use tollgate::ledger::sqlite::{SqliteLedger, SqliteOptions};
 use tollgate::ledger::{HoldOutcome, HoldRequest, Ledger, SecretHash};
 use tollgate::metrics::Metrics;
 use tollgate::money::Micros;
-use tollgate::payment::challenge::{self, Refusal};
 use tollgate::payment::{ChallengePart, Denial, Reason};
+use tollgate::rejection::{PaymentRefusal, Rejection, Responder};
 use tollgate::route::RouteTable;
 
 const CONFIG: &str = r#"
@@ -125,20 +125,25 @@ fn book_hold(c: &mut Criterion) {
 }
 
 fn render_402(c: &mut Criterion) {
-    let refusal = Refusal {
+    let responder = Responder {
         public_base: "https://api.example.com",
-        route: "chat",
-        price: Micros(2_000),
         request_id: "01JBENCHREQUEST0000000000",
         instance: "/v1/chat/completions",
-        topup_url: Some("https://billing.example.com/topup"),
+        html: false,
     };
     c.bench_function("render_402/problem_json", |b| {
         b.iter(|| {
             let denial = Denial::new(Reason::PaymentMissing, "Route chat costs 0.002 USD per request.");
             let mut part = ChallengePart::default();
             part.body.insert("credits".into(), serde_json::json!({"header": "Authorization", "scheme": "Bearer"}));
-            challenge::render(&refusal, &denial, vec![part], false)
+            let refusal = PaymentRefusal {
+                denial,
+                route: "chat".into(),
+                price: Micros(2_000),
+                topup_url: Some("https://billing.example.com/topup".into()),
+                parts: vec![part],
+            };
+            Rejection::Payment(Box::new(refusal)).into_response(&responder)
         })
     });
 }

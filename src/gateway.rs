@@ -32,6 +32,7 @@ use crate::payment::Rails;
 use crate::problem::{self, PROBLEM_PATH};
 use crate::proxy::headers::TrustedProxies;
 use crate::proxy::{ConnInfo, ProxyError, Upstream};
+use crate::rejection::{Rejection, Responder};
 use crate::route::{normalize_host, RouteTable, Unroutable};
 use crate::Body;
 
@@ -237,27 +238,10 @@ impl Gateway {
             Ok(route) => route,
             Err(e) => {
                 snap.unmatched.rejected.inc();
-                let (code, status, detail) = match &e {
-                    Unroutable::NotFound => {
-                        ("route_not_found", StatusCode::NOT_FOUND, format!("No route matches {method} {path}."))
-                    }
-                    _ => (
-                        "bad_request",
-                        StatusCode::BAD_REQUEST,
-                        format!("The request path cannot be routed safely: {e}."),
-                    ),
-                };
-                tracing::info!(request_id = %request_id, method = %method, path = %path, status = status.as_u16(), error = %e, "no route");
-                let res = problem::problem_response(
-                    &snap.public_base,
-                    code,
-                    status,
-                    detail,
-                    &path,
-                    &request_id,
-                    Default::default(),
-                );
-                return finish(res, &request_id);
+                tracing::info!(request_id = %request_id, method = %method, path = %path, error = %e, "no route");
+                let r =
+                    Responder { public_base: &snap.public_base, request_id: &request_id, instance: &path, html: false };
+                return Rejection::Unroutable(e).into_response(&r);
             }
         };
         if let Some(protocols) = crate::proxy::headers::upgrade_request(req.headers()) {
@@ -424,16 +408,15 @@ impl Service<Request<Incoming>> for Forward {
         let snap = self.snapshot.clone();
         Box::pin(async move {
             let Some(ctx) = req.extensions().get::<Arc<RequestCtx>>().cloned() else {
-                let mut res = Response::new(crate::empty());
-                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                return Ok(res);
-            };
-            let Some(upstream) = snap.upstreams.get(&ctx.route.upstream).cloned() else {
-                let mut res = Response::new(crate::empty());
-                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                return Ok(res);
+                let r = Responder { public_base: &snap.public_base, request_id: "", instance: "", html: false };
+                return Ok(Rejection::Internal("no request context").into_response(&r));
             };
             let path = req.uri().path().to_owned();
+            let r =
+                Responder { public_base: &snap.public_base, request_id: &ctx.request_id, instance: &path, html: false };
+            let Some(upstream) = snap.upstreams.get(&ctx.route.upstream).cloned() else {
+                return Ok(Rejection::Internal("the route's upstream is missing").into_response(&r));
+            };
             match upstream.forward(req, ctx.route.strip_prefix.as_deref()).await {
                 Ok(mut res) => {
                     res.extensions_mut().insert(Forwarded);
@@ -442,30 +425,7 @@ impl Service<Request<Incoming>> for Forward {
                 Err(e) => {
                     tracing::warn!(request_id = %ctx.request_id, route = %ctx.route.name, error = %e, "upstream failed");
                     let reached = matches!(e, ProxyError::Timeout { .. } | ProxyError::Upstream { .. });
-                    let (code, status) = match &e {
-                        ProxyError::Timeout { .. } => ("upstream_timeout", StatusCode::GATEWAY_TIMEOUT),
-                        ProxyError::BadRequest(_) => ("bad_request", StatusCode::BAD_REQUEST),
-                        _ => ("upstream_unavailable", StatusCode::BAD_GATEWAY),
-                    };
-                    let detail = match &e {
-                        ProxyError::Timeout { timeout, .. } => {
-                            format!(
-                                "The upstream did not answer within {}; nothing was charged.",
-                                humantime::format_duration(*timeout)
-                            )
-                        }
-                        ProxyError::BadRequest(m) => format!("The request cannot be forwarded: {m}."),
-                        _ => "The upstream could not be reached; nothing was charged.".to_owned(),
-                    };
-                    let mut res = problem::problem_response(
-                        &snap.public_base,
-                        code,
-                        status,
-                        detail,
-                        &path,
-                        &ctx.request_id,
-                        Default::default(),
-                    );
+                    let mut res = Rejection::Upstream(e).into_response(&r);
                     res.extensions_mut().insert(Synthetic { reached });
                     Ok(res)
                 }

@@ -17,6 +17,7 @@ pub mod money;
 pub mod payment;
 pub mod problem;
 pub mod proxy;
+pub mod rejection;
 pub mod route;
 pub mod server;
 pub mod telemetry;

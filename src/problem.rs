@@ -3,7 +3,9 @@
 //! Every response tollgate makes up itself (no route, upstream down, upstream slow,
 //! payment problems) is `application/problem+json` whose `type` is a page tollgate
 //! serves at `{public_url}/.well-known/tollgate/problems/{code}`, so a person who
-//! follows the link learns what happened and how to fix it.
+//! follows the link learns what happened and how to fix it. [`DOCS`] is the one table
+//! of codes, titles and statuses; `rejection.rs` is the one place that builds such
+//! responses.
 
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Map, Value};
@@ -17,55 +19,58 @@ pub const PROBLEM_PATH: &str = "/.well-known/tollgate/problems/";
 pub struct ProblemDoc {
     pub code: &'static str,
     pub title: &'static str,
-    pub status: u16,
+    pub status: StatusCode,
     pub what: &'static str,
     pub fix: &'static str,
 }
 
 pub const DOCS: &[ProblemDoc] = &[
-    ProblemDoc { code: "payment_missing", title: "Payment required", status: 402,
+    ProblemDoc { code: "payment_missing", title: "Payment required", status: StatusCode::PAYMENT_REQUIRED,
         what: "The route is priced and the request carried no payment credential of any rail the route accepts.",
         fix: "Send an API key as `Authorization: Bearer <key>` (or `X-API-Key`), or pay with x402 by answering the challenge in the `PAYMENT-REQUIRED` header with a `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1) header." },
-    ProblemDoc { code: "payment_malformed", title: "Malformed payment credential", status: 402,
+    ProblemDoc { code: "payment_malformed", title: "Malformed payment credential", status: StatusCode::PAYMENT_REQUIRED,
         what: "A payment credential was present but could not be decoded: bad base64 or JSON, wrong shape, or a value that is too large.",
         fix: "Send the key exactly as it was issued, or let an official x402 client build the payment header." },
-    ProblemDoc { code: "payment_method_unsupported", title: "Payment method not accepted here", status: 402,
+    ProblemDoc { code: "payment_method_unsupported", title: "Payment method not accepted here", status: StatusCode::PAYMENT_REQUIRED,
         what: "The credential belongs to a rail, scheme, network or asset that this route does not accept.",
         fix: "Use one of the methods listed in the challenge (`accepts`, `credits`)." },
-    ProblemDoc { code: "payment_invalid", title: "Payment credential invalid", status: 402,
+    ProblemDoc { code: "payment_invalid", title: "Payment credential invalid", status: StatusCode::PAYMENT_REQUIRED,
         what: "The key is unknown or revoked, or the payment's signature, recipient or amount is wrong.",
         fix: "Check the key, or sign a fresh payment for the exact amount and recipient in the challenge." },
-    ProblemDoc { code: "payment_expired", title: "Payment authorization expired", status: 402,
+    ProblemDoc { code: "payment_expired", title: "Payment authorization expired", status: StatusCode::PAYMENT_REQUIRED,
         what: "The payment authorization is outside its validity window (validAfter/validBefore).",
         fix: "Sign a new payment and send it promptly; check the client's clock." },
-    ProblemDoc { code: "payment_replayed", title: "Payment already used", status: 402,
+    ProblemDoc { code: "payment_replayed", title: "Payment already used", status: StatusCode::PAYMENT_REQUIRED,
         what: "This single-use payment was already presented.",
         fix: "Sign a new payment with a fresh nonce for each request." },
-    ProblemDoc { code: "insufficient_funds", title: "Insufficient funds", status: 402,
+    ProblemDoc { code: "insufficient_funds", title: "Insufficient funds", status: StatusCode::PAYMENT_REQUIRED,
         what: "The key's balance, or the payer's token balance, is below the price of the route.",
         fix: "Top up the key (see `credits.topup_url`) or fund the paying wallet." },
-    ProblemDoc { code: "spend_cap_reached", title: "Spend cap reached", status: 402,
+    ProblemDoc { code: "spend_cap_reached", title: "Spend cap reached", status: StatusCode::PAYMENT_REQUIRED,
         what: "The key has spent its configured maximum for the current hour or day.",
         fix: "Wait for the window to roll over, or ask the operator to raise the cap." },
-    ProblemDoc { code: "settlement_failed", title: "Settlement failed", status: 402,
+    ProblemDoc { code: "settlement_failed", title: "Settlement failed", status: StatusCode::PAYMENT_REQUIRED,
         what: "The payment was valid but charging or settling it failed, so the response was withheld.",
         fix: "Retry with a new payment; if it keeps failing, quote the request_id to the operator." },
-    ProblemDoc { code: "payment_backend_unavailable", title: "Payment backend unavailable", status: 503,
+    ProblemDoc { code: "payment_backend_unavailable", title: "Payment backend unavailable", status: StatusCode::SERVICE_UNAVAILABLE,
         what: "The ledger or the payment facilitator could not be reached in time. Nothing was charged and the request was not forwarded.",
         fix: "Retry after the number of seconds in `Retry-After`." },
-    ProblemDoc { code: "rate_limited", title: "Too many requests", status: 429,
+    ProblemDoc { code: "rate_limited", title: "Too many requests", status: StatusCode::TOO_MANY_REQUESTS,
         what: "The key or client address exceeded the route's rate limit.",
         fix: "Slow down; retry after the number of seconds in `Retry-After`." },
-    ProblemDoc { code: "route_not_found", title: "No route", status: 404,
+    ProblemDoc { code: "route_not_found", title: "No route", status: StatusCode::NOT_FOUND,
         what: "No configured route matches this host, method and path.",
         fix: "Check the URL and method against the API's documentation." },
-    ProblemDoc { code: "upstream_unavailable", title: "Upstream unavailable", status: 502,
+    ProblemDoc { code: "upstream_unavailable", title: "Upstream unavailable", status: StatusCode::BAD_GATEWAY,
         what: "tollgate could not connect to the API behind it. Nothing was charged.",
         fix: "Retry later; the operator should check the upstream." },
-    ProblemDoc { code: "upstream_timeout", title: "Upstream timed out", status: 504,
+    ProblemDoc { code: "upstream_timeout", title: "Upstream timed out", status: StatusCode::GATEWAY_TIMEOUT,
         what: "The API behind tollgate did not answer in time. Nothing was charged.",
         fix: "Retry later, or with a smaller request." },
-    ProblemDoc { code: "bad_request", title: "Bad request", status: 400,
+    ProblemDoc { code: "internal_error", title: "Internal error", status: StatusCode::INTERNAL_SERVER_ERROR,
+        what: "tollgate could not handle the request because of a fault of its own. Nothing was charged.",
+        fix: "Retry; if it keeps failing, quote the request_id to the operator." },
+    ProblemDoc { code: "bad_request", title: "Bad request", status: StatusCode::BAD_REQUEST,
         what: "The request could not be forwarded as sent.",
         fix: "Check the request's URL and headers." },
 ];
@@ -75,7 +80,7 @@ pub fn doc(code: &str) -> Option<&'static ProblemDoc> {
 }
 
 /// A problem+json response. `extra` members are added after the standard ones.
-pub fn problem_response(
+pub(crate) fn problem_response(
     public_base: &str,
     code: &'static str,
     status: StatusCode,
@@ -117,7 +122,7 @@ code{{background:#f3f3f3;padding:0 .2em}}</style></head><body>\
 <h2>What happened</h2><p>{what}</p><h2>How to fix it</h2><p>{fix}</p>\
 <p>Quote the <code>request_id</code> of the response when you contact the operator.</p></body></html>",
         title = d.title,
-        status = d.status,
+        status = d.status.as_u16(),
         code = d.code,
         what = html_escape(d.what),
         fix = code_spans(&html_escape(d.fix)),

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -177,19 +177,14 @@ async fn handle(gw: Gateway, conn: ConnInfo, mut req: Request<Incoming>) -> Resp
     if let Err(e) = crate::proxy::prepare_request(&mut req) {
         let request_id = crate::telemetry::request_id(req.headers().get("x-request-id"));
         tracing::info!(request_id = %request_id, client = %conn.peer, method = %req.method(), error = %e, status = 400, "request refused");
-        let mut res = crate::problem::problem_response(
-            &gw.snapshot().public_base,
-            "bad_request",
-            StatusCode::BAD_REQUEST,
-            format!("The request cannot be forwarded: {e}."),
-            req.uri().path(),
-            &request_id,
-            Default::default(),
-        );
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            res.headers_mut().insert("x-request-id", v);
-        }
-        return res;
+        let snap = gw.snapshot();
+        let r = crate::rejection::Responder {
+            public_base: &snap.public_base,
+            request_id: &request_id,
+            instance: req.uri().path(),
+            html: false,
+        };
+        return crate::rejection::Rejection::Malformed(e).into_response(&r);
     }
     gw.handle(req).await
 }

@@ -204,7 +204,10 @@ async fn challenge_has_v1_body_and_v2_header_for_every_offer() {
     let r = get(&gw.url("/paid/report?q=1"), &[]).await;
     assert_refused(&r, 402, "payment_missing", "no payment");
     assert_eq!(r.header("cache-control"), Some("no-store"));
-    assert!(r.header("access-control-expose-headers").unwrap().contains("PAYMENT-REQUIRED"));
+    let expose = r.header("access-control-expose-headers").unwrap().to_ascii_lowercase();
+    for name in ["payment-required", "payment-response", "x-payment-response", "retry-after", "x-request-id"] {
+        assert!(expose.split(", ").any(|n| n == name), "{name} not exposed: {expose}");
+    }
 
     let body = r.json();
     assert_eq!(body["x402Version"], 1);

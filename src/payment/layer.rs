@@ -18,11 +18,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tower::{Layer, Service, ServiceExt};
 
-use super::challenge::{self, Refusal};
 use super::ratelimit::Limiter;
 use super::{Charge, Denial, Grant, Paid, Rails, Reason};
 use crate::config::{parse_rate, ChargeOn, Config};
 use crate::metrics::{Metrics, RailLabel, RouteRail, RouteRailResult, RouteReason};
+use crate::rejection::{self, PaymentRefusal, Rejection, Responder};
 use crate::route::{Route, RouteTable};
 use crate::Body;
 
@@ -170,15 +170,15 @@ impl PaymentGate {
             .filter_map(|name| self.rails.get(name))
             .map(|rail| rail.challenge(charge, &denial))
             .collect();
-        let refusal = Refusal {
-            public_base: &self.public_base,
-            route: &ctx.route.name,
+        let refusal = PaymentRefusal {
+            denial,
+            route: ctx.route.name.to_string(),
             price: charge.price,
-            request_id: &ctx.request_id,
-            instance: path,
-            topup_url: self.topup_url.as_deref(),
+            topup_url: self.topup_url.clone(),
+            parts,
         };
-        challenge::render(&refusal, &denial, parts, html)
+        let responder = Responder { public_base: &self.public_base, request_id: &ctx.request_id, instance: path, html };
+        Rejection::Payment(Box::new(refusal)).into_response(&responder)
     }
 
     /// The whole gate for one priced request.
@@ -197,7 +197,7 @@ impl PaymentGate {
         let route = &ctx.route;
         let price = route.price.unwrap_or_default();
         let path = req.uri().path().to_owned();
-        let html = challenge::prefers_html(req.headers());
+        let html = rejection::prefers_html(req.headers());
         let charge = Charge {
             route,
             price,
@@ -311,9 +311,9 @@ impl PaymentGate {
             Ok(res) => res,
             Err(e) => {
                 tracing::error!(request_id = %request_id, error = %e, "paid request task failed");
-                let mut res = Response::new(crate::empty());
-                *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                Ok(res)
+                let r =
+                    Responder { public_base: &self.public_base, request_id: &request_id, instance: "", html: false };
+                Ok(Rejection::Internal("the paid request's task failed").into_response(&r))
             }
         }
     }
@@ -462,9 +462,8 @@ where
         Box::pin(async move {
             let Some(ctx) = req.extensions().get::<Arc<RequestCtx>>().cloned() else {
                 // Without a matched route the gate cannot know the price: fail closed.
-                let mut res = Response::new(crate::empty());
-                *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                return Ok(res);
+                let r = Responder { public_base: &gate.public_base, request_id: "", instance: "", html: false };
+                return Ok(Rejection::Internal("no route for the payment gate").into_response(&r));
             };
             if ctx.route.is_free() {
                 let mut req = req;

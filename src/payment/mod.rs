@@ -10,7 +10,6 @@
 //! back a [`Grant`] that is committed (captured / settled) or released once the
 //! upstream's response head is known. Adding a rail touches no other rail.
 
-pub mod challenge;
 pub mod layer;
 pub mod rails;
 pub mod ratelimit;
@@ -25,7 +24,7 @@ use serde_json::{Map, Value};
 use crate::money::Micros;
 use crate::route::Route;
 
-/// Why a priced request was not forwarded (DESIGN §4). Each has a problem page.
+/// Why a priced request was not forwarded. Each has a problem page (`problem::DOCS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     PaymentMissing,
@@ -72,12 +71,9 @@ impl Reason {
         }
     }
 
+    /// The status of a refusal for this reason, from its problem page's entry.
     pub fn status(self) -> StatusCode {
-        match self {
-            Reason::PaymentBackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            _ => StatusCode::PAYMENT_REQUIRED,
-        }
+        crate::problem::doc(self.as_str()).map_or(StatusCode::PAYMENT_REQUIRED, |d| d.status)
     }
 }
 
@@ -152,6 +148,9 @@ impl Charge<'_> {
 pub struct ChallengePart {
     pub body: Map<String, Value>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Headers of this rail a browser client must be able to read
+    /// (`Access-Control-Expose-Headers`), whether or not this refusal carries them.
+    pub expose: Vec<HeaderName>,
     /// A few lines of HTML for the paywall page (already escaped).
     pub html: String,
 }
@@ -246,7 +245,7 @@ impl Rails {
     }
 }
 
-/// `0.002 USD`: the money header format of DESIGN §6.
+/// `0.002 USD`: the money header format (amount, a space, the currency).
 pub fn money_header(amount: Micros, currency: &str) -> HeaderValue {
     HeaderValue::try_from(format!("{amount} {currency}")).unwrap_or(HeaderValue::from_static("0 USD"))
 }

@@ -197,7 +197,7 @@ impl Rail for Credits {
     }
 
     fn challenge(&self, _charge: &Charge<'_>, denial: &Denial) -> ChallengePart {
-        let mut part = ChallengePart::default();
+        let mut part = ChallengePart { expose: vec![header::WWW_AUTHENTICATE], ..ChallengePart::default() };
         let scheme = if self.bearer() { "Bearer" } else { "" };
         let mut section = json!({ "header": self.header_display, "scheme": scheme });
         if let Some(u) = &self.topup_url {

@@ -572,7 +572,10 @@ impl Rail for X402 {
         let error_v2 = if missing { "PAYMENT-SIGNATURE header is required" } else { denial.reason.as_str() };
         let (accepts_v1, v2) = requirements(&s.offers, charge.price, resource, s.max_timeout, error_v2);
 
-        let mut part = ChallengePart::default();
+        let mut part = ChallengePart {
+            expose: vec![PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE],
+            ..ChallengePart::default()
+        };
         part.body.insert("x402Version".into(), json!(1));
         part.body.insert("error".into(), json!(error_v1));
         part.body.insert("accepts".into(), serde_json::to_value(&accepts_v1).unwrap_or_else(|_| json!([])));
