@@ -1,6 +1,6 @@
 //! Listeners: the gateway (HTTP/1.1 and HTTP/2, over TLS by ALPN or h2c by prior
 //! knowledge in clear) and the admin listener; connection cap, header read timeout,
-//! idle timeout, header size limit, graceful shutdown and reload
+//! idle timeout, HTTP/2 stream limits, header size limit, graceful shutdown and reload
 //! signals.
 //!
 //! Shaped like mini-redis's server: a semaphore caps connections before `accept`, and
@@ -22,7 +22,9 @@
 //! HTTP/2 gets a GOAWAY (RFC 9113 §6.8) and closes once streams the client opened
 //! meanwhile have finished; HTTP/1, being between requests, is closed. A client that
 //! stalls that close (an HTTP/2 peer that never acknowledges the GOAWAY's PING) is
-//! dropped after one more `idle_timeout`.
+//! dropped after one more `idle_timeout`. Keep-alive PINGs find peers that vanished
+//! during a long response, and a stream cap bounds what one connection may ask of the
+//! upstreams at once.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -56,6 +58,7 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    pub http2_max_concurrent_streams: u32,
     pub shutdown_timeout: Duration,
 }
 
@@ -66,10 +69,24 @@ impl Limits {
             max_header_bytes: cfg.server.max_header_bytes,
             max_connections: cfg.server.max_connections,
             idle_timeout: duration(&cfg.server.idle_timeout),
+            http2_max_concurrent_streams: cfg.server.http2_max_concurrent_streams,
             shutdown_timeout: duration(&cfg.server.shutdown_timeout),
         }
     }
 }
+
+/// How often an HTTP/2 connection is PINGed when nothing else arrived from the client.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A PING unanswered for this long drops the connection: the peer is gone, even if
+/// the kernel has not noticed (a long response would otherwise keep its slot).
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams a client may reset before tollgate accepted them, before the connection is
+/// closed with ENHANCE_YOUR_CALM: the h2 crate's answer to the "rapid reset" attack
+/// (CVE-2023-44487), pinned here so a dependency upgrade cannot loosen it.
+const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams tollgate may reset for a client's protocol errors over one connection before
+/// closing it (RUSTSEC-2024-0003); hyper's current default, pinned for the same reason.
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// Loads a rustls server config from PEM files, offering h2 and http/1.1 by ALPN.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
@@ -106,7 +123,11 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     b
 }
 

@@ -344,6 +344,8 @@ impl H2 {
 }
 
 const SETTINGS: u8 = 0x4;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const ACK: u8 = 0x1;
@@ -355,6 +357,7 @@ struct RawH2(TcpStream);
 struct RawFrame {
     kind: u8,
     flags: u8,
+    stream: u32,
     payload: Vec<u8>,
 }
 
@@ -368,11 +371,12 @@ impl RawH2 {
     }
 
     async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        frame.extend([kind, flags]);
-        frame.extend(stream.to_be_bytes());
-        frame.extend(payload);
-        self.0.write_all(&frame).await.unwrap();
+        self.0.write_all(&frame_bytes(kind, flags, stream, payload)).await.unwrap();
+    }
+
+    /// A GET on `stream`, ending the stream.
+    async fn get(&mut self, stream: u32, path: &str) {
+        self.0.write_all(&get_frame(stream, path)).await.unwrap();
     }
 
     /// The next frame; `None` once the server closed the connection (10 s at most).
@@ -383,7 +387,8 @@ impl RawH2 {
             let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
             let mut payload = vec![0; len];
             self.0.read_exact(&mut payload).await.ok()?;
-            Some(RawFrame { kind: head[3], flags: head[4], payload })
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            Some(RawFrame { kind: head[3], flags: head[4], stream, payload })
         };
         tokio::time::timeout(T, read).await.expect("a frame or the close within 10s")
     }
@@ -402,10 +407,45 @@ impl RawH2 {
     }
 }
 
+fn frame_bytes(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// HEADERS for a GET, with END_STREAM and END_HEADERS; the header block is HPACK
+/// without Huffman coding (RFC 7541: static-table `:method GET` and `:scheme http`,
+/// literal `:path` and `:authority`).
+fn get_frame(stream: u32, path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend(path.as_bytes());
+    block.extend([0x01, 9]);
+    block.extend(b"127.0.0.1");
+    frame_bytes(HEADERS, 0x1 | 0x4, stream, &block)
+}
+
 /// The error code of a GOAWAY or RST_STREAM payload.
 fn error_code(f: &RawFrame) -> u32 {
     let at = if f.kind == GOAWAY { 4 } else { 0 };
     u32::from_be_bytes(f.payload[at..at + 4].try_into().unwrap())
+}
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS from the server's first frame, its SETTINGS.
+async fn max_concurrent_streams(h2: &mut RawH2) -> Option<u32> {
+    let settings = h2.frame().await.expect("server SETTINGS");
+    assert_eq!((settings.kind, settings.flags), (SETTINGS, 0), "the server speaks first with SETTINGS");
+    settings.payload.chunks(6).find(|s| s[..2] == [0, 0x3]).map(|s| u32::from_be_bytes(s[2..].try_into().unwrap()))
+}
+
+#[tokio::test]
+async fn http2_stream_cap_defaults_to_100() {
+    let up = ok_upstream().await;
+    let gw = gateway(&format!("{}{}", upstream_section(&up.url()), free_route("all", "/*"))).await;
+    let mut h2 = RawH2::connect(addr(&gw)).await;
+    assert_eq!(max_concurrent_streams(&mut h2).await, Some(100));
+    gw.shutdown().await;
 }
 
 #[tokio::test]
@@ -503,6 +543,65 @@ async fn streamed_response_keeps_its_http2_connection_open_past_the_idle_timeout
     assert_eq!(rest, "second;end");
     // Once the stream has ended the connection is idle, and closed in its turn.
     assert!(c.closed("connection closed after its stream ended").await);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_concurrent_streams_are_capped() {
+    let mut g = gated_upstream().await;
+    let routes = format!("{}{}", upstream_section(&g.up.url()), free_route("all", "/*"));
+    let gw = gateway_edit(&routes, server_keys("http2_max_concurrent_streams = 2")).await;
+
+    let mut h2 = RawH2::connect(addr(&gw)).await;
+    assert_eq!(max_concurrent_streams(&mut h2).await, Some(2));
+    h2.send(SETTINGS, ACK, 0, &[]).await;
+
+    // Three requests at once, against an upstream that holds its answers.
+    for stream in [1, 3, 5] {
+        h2.get(stream, &format!("/slow/{stream}")).await;
+    }
+    g.wait_arrival().await;
+    g.wait_arrival().await;
+    let refused = loop {
+        let f = h2.frame().await.expect("RST_STREAM before the close");
+        if f.kind == RST_STREAM {
+            break f;
+        }
+    };
+    assert_eq!((refused.stream, error_code(&refused)), (5, 0x7), "stream 5 refused (REFUSED_STREAM)");
+
+    g.release.notify_one();
+    g.release.notify_one();
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        let f = h2.frame().await.expect("responses before the close");
+        if f.kind == HEADERS {
+            answered.push(f.stream);
+        }
+    }
+    answered.sort();
+    assert_eq!(answered, [1, 3]);
+    assert_eq!(g.up.hits(), 2, "the refused stream never reached the upstream");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_closes_the_connection() {
+    let up = ok_upstream().await;
+    let gw = gateway(&format!("{}{}", upstream_section(&up.url()), free_route("all", "/*"))).await;
+
+    // CVE-2023-44487: open a stream and cancel it at once, twice as often as allowed,
+    // in one write, so the resets arrive before the server has taken the streams up.
+    let mut h2 = RawH2::connect(addr(&gw)).await;
+    let mut burst = Vec::new();
+    for stream in (1..80).step_by(2) {
+        burst.extend(get_frame(stream, "/a/x"));
+        burst.extend(frame_bytes(RST_STREAM, 0, stream, &0x8u32.to_be_bytes()));
+    }
+    h2.0.write_all(&burst).await.unwrap();
+    let goaway = h2.until_closed(true).await.into_iter().find(|f| f.kind == GOAWAY);
+    let goaway = goaway.expect("GOAWAY before the close");
+    assert_eq!(error_code(&goaway), 0xb, "ENHANCE_YOUR_CALM");
     gw.shutdown().await;
 }
 
