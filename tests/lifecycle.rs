@@ -445,6 +445,7 @@ async fn http2_stream_cap_defaults_to_100() {
     let gw = gateway(&format!("{}{}", upstream_section(&up.url()), free_route("all", "/*"))).await;
     let mut h2 = RawH2::connect(addr(&gw)).await;
     assert_eq!(max_concurrent_streams(&mut h2).await, Some(100));
+    drop(h2);
     gw.shutdown().await;
 }
 
@@ -582,6 +583,7 @@ async fn http2_concurrent_streams_are_capped() {
     answered.sort();
     assert_eq!(answered, [1, 3]);
     assert_eq!(g.up.hits(), 2, "the refused stream never reached the upstream");
+    drop(h2);
     gw.shutdown().await;
 }
 
