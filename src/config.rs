@@ -74,6 +74,14 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// A client connection with no request in flight for this long is closed
+    /// (HTTP/2: GOAWAY, then close), so idle clients cannot keep connection slots.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: String,
+    /// Requests one HTTP/2 connection may have in flight at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`, RFC 9113 §6.5.2).
+    #[serde(default = "defaults::http2_max_concurrent_streams")]
+    pub http2_max_concurrent_streams: u32,
     /// How long SIGTERM waits for in-flight requests before closing connections.
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: String,
@@ -308,6 +316,12 @@ mod defaults {
     pub fn max_connections() -> usize {
         10_000
     }
+    pub fn idle_timeout() -> String {
+        "60s".into()
+    }
+    pub fn http2_max_concurrent_streams() -> u32 {
+        100
+    }
     pub fn shutdown_timeout() -> String {
         "30s".into()
     }
@@ -415,11 +429,19 @@ impl Config {
         }
         check_duration(&mut err, "server.header_read_timeout", &self.server.header_read_timeout);
         check_duration(&mut err, "server.shutdown_timeout", &self.server.shutdown_timeout);
+        match parse_duration(&self.server.idle_timeout) {
+            Ok(d) if d.is_zero() => err("server.idle_timeout".into(), "must be above zero".into()),
+            Ok(_) => {}
+            Err(e) => err("server.idle_timeout".into(), e),
+        }
         if self.server.max_header_bytes < 8192 {
             err("server.max_header_bytes".into(), "must be at least 8192".into());
         }
         if self.server.max_connections == 0 {
             err("server.max_connections".into(), "must be at least 1".into());
+        }
+        if self.server.http2_max_concurrent_streams == 0 {
+            err("server.http2_max_concurrent_streams".into(), "must be at least 1".into());
         }
         if self.server.worker_threads == Some(0) {
             err("server.worker_threads".into(), "must be at least 1".into());

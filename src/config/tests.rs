@@ -235,3 +235,33 @@ fn trusted_proxies_must_be_networks() {
         "CIDR",
     );
 }
+
+fn server(extra: &str) -> String {
+    MINIMAL.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"127.0.0.1:8080\"\n{extra}"))
+}
+
+#[test]
+fn rule_idle_timeout_is_a_duration() {
+    one_error(&server("idle_timeout = \"a minute\""), "server.idle_timeout", "not a duration");
+}
+
+#[test]
+fn rule_idle_timeout_is_above_zero() {
+    one_error(&server("idle_timeout = \"0s\""), "server.idle_timeout", "above zero");
+}
+
+#[test]
+fn rule_http2_max_concurrent_streams_at_least_one() {
+    one_error(&server("http2_max_concurrent_streams = 0"), "server.http2_max_concurrent_streams", "at least 1");
+}
+
+#[test]
+fn connection_limits_have_defaults() {
+    let cfg = parse(MINIMAL).unwrap();
+    assert_eq!(parse_duration(&cfg.server.idle_timeout), Ok(Duration::from_secs(60)));
+    assert_eq!(cfg.server.http2_max_concurrent_streams, 100);
+    let cfg = parse(&server("idle_timeout = \"90s\"\nhttp2_max_concurrent_streams = 250")).unwrap();
+    assert_eq!(cfg.validate(), Ok(()));
+    assert_eq!(parse_duration(&cfg.server.idle_timeout), Ok(Duration::from_secs(90)));
+    assert_eq!(cfg.server.http2_max_concurrent_streams, 250);
+}
