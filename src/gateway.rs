@@ -6,8 +6,6 @@
 //! already in flight finish on the one they started with.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,17 +20,18 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus_client::metrics::gauge::Gauge;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 
 use crate::config::{Config, ConfigErrors};
 use crate::ledger::Ledger;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::payment::layer::{PaymentGate, PaymentLayer, RequestCtx, Synthetic};
-use crate::payment::Rails;
+use crate::payment::layer::{PaymentGate, PaymentLayer, PaymentService};
+use crate::payment::{Rails, Refused};
 use crate::problem::{self, PROBLEM_PATH};
 use crate::proxy::headers::TrustedProxies;
-use crate::proxy::{ConnInfo, ProxyError, Upstream};
+use crate::proxy::{ConnInfo, Forward, Upstream};
 use crate::rejection::{Rejection, Responder};
+use crate::route::RequestCtx;
 use crate::route::{normalize_host, RouteTable, Unroutable};
 use crate::Body;
 
@@ -45,9 +44,9 @@ pub struct Snapshot {
     pub public_base: String,
     pub routes: RouteTable,
     route_metrics: Vec<RouteMetrics>,
-    upstreams: HashMap<Arc<str>, Arc<Upstream>>,
     trusted: TrustedProxies,
-    payment: PaymentLayer,
+    /// The request stack, built once per snapshot: payment gate, then forwarder.
+    stack: PaymentService<Forward>,
     unmatched: RouteMetrics,
 }
 
@@ -95,9 +94,8 @@ impl Snapshot {
             public_base: cfg.public_base(),
             routes,
             route_metrics,
-            upstreams,
             trusted,
-            payment: PaymentLayer::new(Arc::new(gate)),
+            stack: PaymentLayer::new(Arc::new(gate)).layer(Forward::new(upstreams)),
             unmatched: metrics.for_route("_unmatched"),
             config: Arc::new(cfg),
         })
@@ -271,19 +269,26 @@ impl Gateway {
             client_ip,
         }));
 
-        let forward = Forward { snapshot: snap.clone() };
-        let Ok(res) = snap.payment.layer(forward).oneshot(req).await;
-
-        let status = res.status();
-        let from_upstream = res.extensions().get::<Forwarded>().is_some();
-        let outcome_counter = match (from_upstream, res.extensions().get::<Synthetic>().is_some()) {
-            (_, true) => &rm.upstream_error,
-            (false, false) if status == StatusCode::PAYMENT_REQUIRED => &rm.payment_required,
-            (false, false) => &rm.rejected,
-            (true, _) if route.is_free() => &rm.free,
-            (true, _) => &rm.forwarded,
+        let answer = snap.stack.clone().oneshot(req).await;
+        let (res, counter) = match answer {
+            Ok(res) => {
+                let counter = match res.extensions().get::<Refused>() {
+                    Some(_) if res.status() == StatusCode::PAYMENT_REQUIRED => &rm.payment_required,
+                    Some(_) => &rm.rejected,
+                    None if route.is_free() => &rm.free,
+                    None => &rm.forwarded,
+                };
+                (res, counter)
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %request_id, route = %route.name, error = %e, "upstream failed");
+                let r =
+                    Responder { public_base: &snap.public_base, request_id: &request_id, instance: &path, html: false };
+                (Rejection::Upstream(e).into_response(&r), &rm.upstream_error)
+            }
         };
-        outcome_counter.inc();
+        counter.inc();
+        let status = res.status();
         let elapsed = started.elapsed();
         rm.duration.observe(elapsed.as_secs_f64());
         tracing::info!(
@@ -301,10 +306,6 @@ impl Gateway {
         finish(res, &request_id)
     }
 }
-
-/// Marks a response that came from the upstream.
-#[derive(Debug, Clone, Copy)]
-pub struct Forwarded;
 
 fn finish(mut res: Response<Body>, request_id: &str) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(request_id) {
@@ -384,52 +385,5 @@ impl http_body::Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-// === impl Forward ===
-
-/// The innermost service: sends the request to the route's upstream.
-#[derive(Clone)]
-pub struct Forward {
-    snapshot: Arc<Snapshot>,
-}
-
-impl Service<Request<Incoming>> for Forward {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let snap = self.snapshot.clone();
-        Box::pin(async move {
-            let Some(ctx) = req.extensions().get::<Arc<RequestCtx>>().cloned() else {
-                let r = Responder { public_base: &snap.public_base, request_id: "", instance: "", html: false };
-                return Ok(Rejection::Internal("no request context").into_response(&r));
-            };
-            let path = req.uri().path().to_owned();
-            let r =
-                Responder { public_base: &snap.public_base, request_id: &ctx.request_id, instance: &path, html: false };
-            let Some(upstream) = snap.upstreams.get(&ctx.route.upstream).cloned() else {
-                return Ok(Rejection::Internal("the route's upstream is missing").into_response(&r));
-            };
-            match upstream.forward(req, ctx.route.strip_prefix.as_deref()).await {
-                Ok(mut res) => {
-                    res.extensions_mut().insert(Forwarded);
-                    Ok(res)
-                }
-                Err(e) => {
-                    tracing::warn!(request_id = %ctx.request_id, route = %ctx.route.name, error = %e, "upstream failed");
-                    let reached = matches!(e, ProxyError::Timeout { .. } | ProxyError::Upstream { .. });
-                    let mut res = Rejection::Upstream(e).into_response(&r);
-                    res.extensions_mut().insert(Synthetic { reached });
-                    Ok(res)
-                }
-            }
-        })
     }
 }

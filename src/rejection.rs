@@ -69,6 +69,7 @@ impl Rejection {
             Rejection::Unroutable(_) => "bad_request",
             Rejection::Upstream(ProxyError::Timeout { .. }) => "upstream_timeout",
             Rejection::Upstream(ProxyError::BadRequest(_)) => "bad_request",
+            Rejection::Upstream(ProxyError::Unrouted) => "internal_error",
             Rejection::Upstream(_) => "upstream_unavailable",
             Rejection::Payment(p) => p.denial.reason.as_str(),
             Rejection::Internal(_) => "internal_error",
@@ -90,6 +91,9 @@ impl Rejection {
                 humantime::format_duration(*timeout)
             ),
             Rejection::Upstream(ProxyError::BadRequest(m)) => format!("The request cannot be forwarded: {m}."),
+            Rejection::Upstream(ProxyError::Unrouted) => {
+                "tollgate failed to route the request to an upstream; nothing was charged.".to_owned()
+            }
             Rejection::Upstream(_) => "The upstream could not be reached; nothing was charged.".to_owned(),
             Rejection::Payment(p) => p.denial.detail.clone(),
             Rejection::Internal(what) => {

@@ -106,6 +106,15 @@ impl Route {
     }
 }
 
+/// What routing decided about a request, in its extensions for the payment layer
+/// and the forwarder.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub route: Arc<Route>,
+    pub client_ip: std::net::IpAddr,
+}
+
 /// Why a request has no route.
 #[derive(Debug, thiserror::Error)]
 pub enum Unroutable {

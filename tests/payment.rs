@@ -327,7 +327,7 @@ async fn charge_on_always_charges_a_500_but_never_an_unreached_upstream() {
 }
 
 #[tokio::test]
-async fn upstream_timeout_is_504_and_refunded() {
+async fn upstream_timeout_is_504_refunded_and_charged_only_under_always() {
     let up = upstream(|_req| async {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Response::new(tollgate::empty())
@@ -339,6 +339,15 @@ async fn upstream_timeout_is_504_and_refunded() {
     assert_eq!(r.status, 504);
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     assert_eq!(gw.balance(&id).await, Micros(1_000_000));
+    gw.shutdown().await;
+
+    // Under "always" the request reached the upstream, which did the work: charged.
+    let text = priced(&up, "charge_on = \"always\"", "").replace("timeout = \"2s\"", "timeout = \"200ms\"");
+    let gw = gateway(&text).await;
+    let (id, key) = gw.key("1").await;
+    let r = get(&gw.url("/v1/chat/x"), &[("authorization", &bearer(&key))]).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(gw.balance(&id).await, Micros(998_000));
     gw.shutdown().await;
 }
 

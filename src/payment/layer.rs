@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,29 +18,13 @@ use prometheus_client::metrics::histogram::Histogram;
 use tower::{Layer, Service, ServiceExt};
 
 use super::ratelimit::Limiter;
-use super::{Charge, Denial, Grant, Paid, Rails, Reason};
+use super::{Charge, Denial, Grant, Paid, Rails, Reason, Refused};
 use crate::config::{parse_rate, ChargeOn, Config};
 use crate::metrics::{Metrics, RailLabel, RouteRail, RouteRailResult, RouteReason};
+use crate::proxy::ProxyError;
 use crate::rejection::{self, PaymentRefusal, Rejection, Responder};
-use crate::route::{Route, RouteTable};
+use crate::route::{RequestCtx, RouteTable};
 use crate::Body;
-
-/// Per-request facts the gateway puts in the extensions before the payment layer.
-#[derive(Debug)]
-pub struct RequestCtx {
-    pub request_id: String,
-    pub route: Arc<Route>,
-    pub client_ip: IpAddr,
-}
-
-/// Marks a response tollgate made up itself because the upstream gave no answer.
-/// Under `charge_on = "success"` nothing is charged; under `"always"` the charge
-/// stands if the request reached the upstream (it timed out or broke off after being
-/// sent), and never if it did not (connect error, or the client's own body failed).
-#[derive(Debug, Clone, Copy)]
-pub struct Synthetic {
-    pub reached: bool,
-}
 
 /// The configured gate: rails, limits and pre-resolved metric handles. Built once per
 /// config snapshot.
@@ -177,8 +160,11 @@ impl PaymentGate {
             topup_url: self.topup_url.clone(),
             parts,
         };
+        let reason = refusal.denial.reason;
         let responder = Responder { public_base: &self.public_base, request_id: &ctx.request_id, instance: path, html };
-        Rejection::Payment(Box::new(refusal)).into_response(&responder)
+        let mut res = Rejection::Payment(Box::new(refusal)).into_response(&responder);
+        res.extensions_mut().insert(Refused(reason));
+        res
     }
 
     /// The whole gate for one priced request.
@@ -187,11 +173,10 @@ impl PaymentGate {
         ctx: Arc<RequestCtx>,
         mut req: Request<B>,
         inner: S,
-    ) -> Result<Response<Body>, S::Error>
+    ) -> Result<Response<Body>, ProxyError>
     where
-        S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+        S: Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
         S::Future: Send,
-        S::Error: Send + 'static,
         B: Send + 'static,
     {
         let route = &ctx.route;
@@ -304,8 +289,8 @@ impl PaymentGate {
         let request_id = ctx.request_id.clone();
         let task = tokio::spawn(async move {
             let guard = GrantGuard(Some(grant));
-            let res = inner.oneshot(req).await?;
-            Ok(this.settle(&ctx, gate_index, guard, res, path, html).await)
+            let answer = inner.oneshot(req).await;
+            this.settle(&ctx, gate_index, guard, answer, path, html).await
         });
         match task.await {
             Ok(res) => res,
@@ -318,34 +303,37 @@ impl PaymentGate {
         }
     }
 
-    /// Ends the charge of a forwarded request once the upstream answered (or failed):
-    /// captured / settled when `charge_on` says so, released otherwise.
+    /// Ends the charge of a forwarded request once the upstream answered or failed:
+    /// captured / settled when `charge_on` says so, released otherwise. Under
+    /// `"always"` a request that reached the upstream and then timed out or broke off
+    /// is charged; one that never reached it (connect error, the client's own body
+    /// failed) never is.
     async fn settle(
         &self,
         ctx: &RequestCtx,
         gate_index: usize,
         mut guard: GrantGuard,
-        mut res: Response<Body>,
+        answer: Result<Response<Body>, ProxyError>,
         path: String,
         html: bool,
-    ) -> Response<Body> {
+    ) -> Result<Response<Body>, ProxyError> {
         let route = &ctx.route;
         let gate = self.routes.get(&gate_index);
         let grant = guard.take();
         let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == grant.rail()));
-        let chargeable = match res.extensions().get::<Synthetic>() {
-            Some(s) => route.charge_on == ChargeOn::Always && s.reached,
-            None => route.charge_on == ChargeOn::Always || res.status().as_u16() < 500,
+        let chargeable = match &answer {
+            Ok(res) => route.charge_on == ChargeOn::Always || res.status().as_u16() < 500,
+            Err(e) => route.charge_on == ChargeOn::Always && e.reached_upstream(),
         };
         if !chargeable {
             grant.release().await;
             if let Some(h) = handles {
                 h.refunded.inc();
             }
-            return res;
+            return answer;
         }
         let started = Instant::now();
-        let committed = grant.commit(res.status()).await;
+        let committed = grant.commit().await;
         if let Some(h) = handles {
             h.settle.observe(started.elapsed().as_secs_f64());
         }
@@ -359,6 +347,9 @@ impl PaymentGate {
                         h.refunded.inc();
                     }
                 }
+                // Charged after a timeout under "always": the caller gets the 504, with
+                // no receipt to attach it to.
+                let mut res = answer?;
                 let expose: Vec<&str> = receipt.headers.iter().map(|(k, _)| k.as_str()).collect();
                 let expose = expose.join(", ");
                 let rh = res.headers_mut();
@@ -370,7 +361,7 @@ impl PaymentGate {
                         rh.append(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
                     }
                 }
-                res
+                Ok(res)
             }
             Err(d) => {
                 if let Some(h) = handles {
@@ -386,7 +377,7 @@ impl PaymentGate {
                     public_base: &self.public_base,
                     path: &path,
                 };
-                self.refuse(&path, html, ctx, &charge, d, gate)
+                Ok(self.refuse(&path, html, ctx, &charge, d, gate))
             }
         }
     }
@@ -441,16 +432,15 @@ pub struct PaymentService<S> {
 
 impl<S, B> Service<Request<B>> for PaymentService<S>
 where
-    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send,
-    S::Error: Send + 'static,
     B: Send + 'static,
 {
     type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -511,6 +501,11 @@ path = "/free"
 free = true
 "#;
 
+    /// The mock's errors as the forwarder's.
+    fn mock_error(e: tower::BoxError) -> ProxyError {
+        ProxyError::Upstream { upstream: "mock".into(), source: e }
+    }
+
     struct Fixture {
         _dir: tempfile::TempDir,
         ledger: Arc<dyn Ledger>,
@@ -550,7 +545,7 @@ free = true
     async fn inner_service_is_never_called_without_payment() {
         let fx = fixture();
         let (svc, mut handle) = mock::pair::<Request<()>, Response<Body>>();
-        let mut svc = fx.layer.layer(svc);
+        let mut svc = fx.layer.layer(svc.map_err(mock_error));
         for auth in [None, Some("Bearer nope"), Some(&*format!("Bearer tg_live_{}", "0".repeat(40)))] {
             handle.allow(1);
             let res = svc.ready().await.unwrap().call(request(&fx, "/v1/x", auth)).await.unwrap();
@@ -571,7 +566,7 @@ free = true
         let fx = fixture();
         let k = fx.ledger.create_key(None, crate::money::Micros(1_000_000)).await.unwrap();
         let (svc, mut handle) = mock::pair::<Request<()>, Response<Body>>();
-        let mut svc = fx.layer.layer(svc);
+        let mut svc = fx.layer.layer(svc.map_err(mock_error));
         handle.allow(1);
         let auth = format!("Bearer {}", k.key);
         let fut = svc.ready().await.unwrap().call(request(&fx, "/v1/x", Some(&auth)));
@@ -592,7 +587,7 @@ free = true
     async fn free_routes_pass_straight_through() {
         let fx = fixture();
         let (svc, mut handle) = mock::pair::<Request<()>, Response<Body>>();
-        let mut svc = fx.layer.layer(svc);
+        let mut svc = fx.layer.layer(svc.map_err(mock_error));
         handle.allow(1);
         let task = tokio::spawn(svc.ready().await.unwrap().call(request(&fx, "/free", None)));
         let (_, send) = handle.next_request().await.unwrap();

@@ -207,12 +207,17 @@ pub trait Grant: Send + Sync {
     fn payer(&self) -> &str;
     /// The amount reserved, as a money string for `X-Tollgate-Paid` (`0.002 USD`).
     fn paid(&self) -> String;
-    /// Charges the reserved payment: the upstream answered with a chargeable status.
-    /// `status` is the upstream's; a rail may still decline to charge (revenue 0).
-    async fn commit(self: Box<Self>, status: http::StatusCode) -> Result<Receipt, Denial>;
+    /// Charges the reserved payment: the payment layer decided, by `charge_on`, that
+    /// the upstream's answer is paid for. A rail may still decline (revenue 0).
+    async fn commit(self: Box<Self>) -> Result<Receipt, Denial>;
     /// Gives the reservation back: the upstream failed, or was never reached.
     async fn release(self: Box<Self>);
 }
+
+/// The payment layer's verdict on a request it refused, in the response's extensions
+/// (the gateway counts outcomes by it). A response without it came from the upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused(pub Reason);
 
 /// The verified payment, in the forwarded request's extensions.
 #[derive(Debug, Clone)]

@@ -4,7 +4,10 @@
 //! it arrives and the upstream's body is handed back frame by frame, trailers
 //! included. Nothing is buffered whole.
 
+mod forward;
 pub mod headers;
+
+pub use forward::Forward;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -158,6 +161,18 @@ pub enum ProxyError {
     Upstream { upstream: Arc<str>, source: crate::BoxError },
     #[error("request cannot be forwarded: {0}")]
     BadRequest(String),
+    /// A request reached the forwarder without a route or with an unknown upstream: a
+    /// fault of tollgate's wiring, never of the client.
+    #[error("the request has no route to an upstream")]
+    Unrouted,
+}
+
+impl ProxyError {
+    /// Whether the request reached the upstream before it failed (it timed out or
+    /// broke off after being sent), as opposed to never getting there.
+    pub fn reached_upstream(&self) -> bool {
+        matches!(self, ProxyError::Timeout { .. } | ProxyError::Upstream { .. })
+    }
 }
 
 /// One configured upstream with its own connection pool.

@@ -258,7 +258,7 @@ impl Grant for CreditsGrant {
         format!("{} USD", self.price)
     }
 
-    async fn commit(self: Box<Self>, _status: http::StatusCode) -> Result<Receipt, Denial> {
+    async fn commit(self: Box<Self>) -> Result<Receipt, Denial> {
         let failed = |cause: &'static str| {
             Denial::new(
                 Reason::SettlementFailed,

@@ -35,7 +35,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Map, Value};
 
@@ -690,7 +690,7 @@ impl Grant for X402Grant {
     /// (`"success"`: the upstream answered below 500; `"always"`), so the reference
     /// servers' own rule (settle below 400) does not apply: a 404 or 422 the upstream
     /// answered is paid for, as with credits.
-    async fn commit(self: Box<Self>, _status: StatusCode) -> Result<Receipt, Denial> {
+    async fn commit(self: Box<Self>) -> Result<Receipt, Denial> {
         if let Some(res) = &self.settled {
             return Ok(self.receipt(res));
         }
