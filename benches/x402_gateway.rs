@@ -1,4 +1,4 @@
-//! The gateway's own time on an x402 request, the facilitator's excluded (issue 6).
+//! The gateway's own time on an x402 request, the facilitator's excluded.
 //!
 //! In-process: an upstream and a facilitator that answer at once (hyper on
 //! 127.0.0.1:0), tollgate with one x402 route, and a client sending pre-signed v2

@@ -2,7 +2,7 @@
 //!
 //! A request to a priced route passes only with a valid payment credential; otherwise
 //! the caller gets a structured `402 Payment Required` (RFC 9457 problem+json, plus the
-//! x402 challenge) that says exactly what is wrong and how to pay. See `DESIGN.md`.
+//! x402 challenge) that says exactly what is wrong and how to pay. See `ARCHITECTURE.md` for how the code is laid out.
 #![forbid(unsafe_code)]
 
 pub mod admin;

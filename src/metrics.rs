@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN §7), encoded with the Prometheus project's own
+//! Prometheus metrics (names listed in the README's metrics reference), encoded with the Prometheus project's own
 //! `prometheus-client` crate.
 //!
 //! Label sets are bounded: route names and upstream names come from the config,

@@ -1,5 +1,5 @@
 //! Lifecycle: reload, admin auth, graceful shutdown, idle connections and HTTP/2 limits,
-//! signals and `tollgate check` (DESIGN §2, §6, §8).
+//! signals and `tollgate check`.
 //!
 //! In-process tests drive the gateway through `tests/support`; the signal tests run the
 //! built binary. Ordering is proven with channels (an upstream that holds its answer

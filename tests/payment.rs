@@ -1,6 +1,6 @@
-//! End-to-end tests of the payment gate with the credits rail: every reason code of
-//! DESIGN §4, the ledger semantics of §5 through real HTTP, the admin API of §6 and
-//! the metrics of §7. Real upstreams, a real SQLite ledger, the in-process gateway.
+//! End-to-end tests of the payment gate with the credits rail: every refusal reason,
+//! the ledger's hold/capture/release semantics through real HTTP, the admin API and
+//! the metrics. Real upstreams, a real SQLite ledger, the in-process gateway.
 
 mod support;
 

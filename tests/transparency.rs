@@ -1,4 +1,4 @@
-//! Transparency: what a reverse proxy must not break (DESIGN §8).
+//! Transparency: what a reverse proxy must not break (RFC 9110 and the README's proxy guarantees).
 //!
 //! Every test runs the gateway in-process in front of real upstreams on 127.0.0.1:0
 //! and asserts exact values, so each one fails when the behaviour it is named after

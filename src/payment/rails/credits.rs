@@ -3,7 +3,7 @@
 //! The key arrives as `Authorization: Bearer <key>` (the header is configurable) or
 //! `X-API-Key: <key>`. Only its SHA-256 is looked up. The ledger holds the price
 //! atomically before forwarding, captures it when the upstream answered, and releases
-//! it when the upstream failed (DESIGN §5).
+//! it when the upstream failed (see ARCHITECTURE.md, "Invariants").
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -213,13 +213,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Maps a facilitator's `invalidReason` (from `/verify`) to a DESIGN §4 reason; the
+/// Maps a facilitator's `invalidReason` (from `/verify`) to a refusal reason; the
 /// original code goes in the problem's `cause`. See [`reason_family`].
 pub fn verify_reason(code: &str) -> Reason {
     reason_family(code).unwrap_or(Reason::PaymentInvalid)
 }
 
-/// Maps a facilitator's `errorReason` (from `/settle`) to a DESIGN §4 reason: a refusal
+/// Maps a facilitator's `errorReason` (from `/settle`) to a refusal reason: a refusal
 /// of the payment itself says why (an unfunded wallet is `insufficient_funds`), and
 /// anything else that failed after verification is `settlement_failed`.
 pub fn settle_reason(code: &str) -> Reason {
