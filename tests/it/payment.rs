@@ -2,14 +2,12 @@
 //! the ledger's hold/capture/release semantics through real HTTP, the admin API and
 //! the metrics. Real upstreams, a real SQLite ledger, the in-process gateway.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use http::Response;
-use support::*;
 use tollgate::ledger::TxKind;
 use tollgate::money::Micros;
 

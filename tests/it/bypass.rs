@@ -3,15 +3,13 @@
 //! sockets where a well-behaved client would tidy the request up, in front of a real
 //! upstream that records exactly what reached it.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tollgate::ledger::TxKind;

@@ -1,24 +1,22 @@
 //! The PostgreSQL ledger beyond the conformance suite (which runs in
 //! `ledger_conformance.rs`): several replicas on one database, database outages,
 //! the CLI, and concurrent start-up. Every test starts its own throwaway cluster
-//! (`support::pg`), so a test that stops its database disturbs no other.
-
-mod support;
+//! (`crate::support::pg`), so a test that stops its database disturbs no other.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::facilitator::FakeFacilitator;
+use crate::support::pg::Cluster;
+use crate::support::*;
 use alloy_primitives::{B256, U256};
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::json;
-use support::facilitator::FakeFacilitator;
-use support::pg::Cluster;
-use support::*;
 use tollgate::ledger::postgres::{PostgresLedger, PostgresOptions, SCHEMA_VERSION};
 use tollgate::ledger::{HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, TxKind};
 use tollgate::money::Micros;

@@ -1,5 +1,4 @@
-mod support;
-use support::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn free_route_forwards_and_priced_route_asks_for_payment() {

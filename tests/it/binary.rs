@@ -1,13 +1,11 @@
 //! Black-box tests of the built `tollgate` binary: the keys CLI and crash safety.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 fn write_config(dir: &std::path::Path, upstream: &str, port: u16, admin_port: u16) -> std::path::PathBuf {
     let text = format!(

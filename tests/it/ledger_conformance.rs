@@ -450,7 +450,7 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let (ledger, _guard) = $factory.await;
-                $crate::suite::$case(ledger).await;
+                crate::ledger_conformance::suite::$case(ledger).await;
             }
         )+
     };
@@ -757,7 +757,7 @@ fn sqlite_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["sqlite_crash_child", "--exact", "--nocapture", "--test-threads=1"])
+        .args(["ledger_conformance::sqlite_crash_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(CRASH_ENV, &path)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -795,8 +795,7 @@ async fn check_after_crash(path: &Path, key_id: &str) {
 
 // === PostgreSQL ===
 
-#[path = "support/pg.rs"]
-mod pg;
+use crate::support::pg;
 
 // A throwaway cluster per test (about a second to `initdb` and start), a database in
 // it, and the ledger on that database. The cluster is the guard: dropping it stops the

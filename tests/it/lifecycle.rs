@@ -1,11 +1,9 @@
 //! Lifecycle: reload, admin auth, graceful shutdown, idle connections and HTTP/2 limits,
 //! signals and `tollgate check`.
 //!
-//! In-process tests drive the gateway through `tests/support`; the signal tests run the
+//! In-process tests drive the gateway through `tests/it/support`; the signal tests run the
 //! built binary. Ordering is proven with channels (an upstream that holds its answer
 //! until the test releases it), never with sleeps; time bounds are generous ceilings.
-
-mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,12 +11,12 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};

@@ -1,11 +1,11 @@
 //! The x402 rail end to end: a real gateway, a real upstream, a fake facilitator that
 //! checks what tollgate sends, and payments signed here with the well-known dev key.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::facilitator::{closed_port_url, FakeFacilitator, Settle, Verify, TX_HASH};
+use crate::support::*;
 use alloy_primitives::{B256, U256};
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
@@ -13,8 +13,6 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use http::Response;
 use serde_json::{json, Value};
-use support::facilitator::{closed_port_url, FakeFacilitator, Settle, Verify, TX_HASH};
-use support::*;
 use tollgate::payment::rails::x402::verify::{self as v, TransferWithAuthorization};
 use tollgate::payment::rails::x402::{check_supported, KindSupport, X402};
 use tollgate::payment::{Rail, Rails};
