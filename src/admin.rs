@@ -1,5 +1,11 @@
 //! The admin listener (DESIGN §6): `/metrics`, `/healthz`, `/readyz`, and the
 //! `/admin/*` JSON API behind the admin bearer token (compared in constant time).
+//!
+//! Errors are `{"error": "…"}` saying what to do next. A credit whose idempotency key
+//! was used for another top-up (another amount or key) is `409 Conflict`.
+//! `GET /admin/transactions?key=&limit=&before=` lists newest first (by `created_at`,
+//! then id), at most [`MAX_PAGE`] rows a page, and adds `"next"` (an opaque cursor for
+//! `before=`) when more rows exist.
 
 use std::time::Duration;
 

@@ -33,7 +33,7 @@
 //! before. See [`super::holds`] for how the cached balances stay exact and why a crash
 //! cannot lose or double a charge. Another process changing the file (`tollgate keys
 //! credit` or `revoke` while the gateway runs) is noticed through `PRAGMA data_version`
-//! **on every hold**, before the cache is trusted (see [`Watch`]): a revocation or a
+//! **on every hold**, before the cache is trusted (see `Watch`): a revocation or a
 //! top-up made by `tollgate keys` holds for every request that starts after the
 //! command returned.
 //!
@@ -1225,7 +1225,7 @@ impl Ledger for SqliteLedger {
     ///
     /// Without a spend cap this decides on the calling thread from the [`Book`]; the
     /// writer is asked only to load a key not cached yet, to reserve more ids, or to
-    /// sync the book when another process wrote to the file ([`Watch`]).
+    /// sync the book when another process wrote to the file (`Watch`).
     async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome> {
         if to_db(req.amount)? == 0 {
             return Err(LedgerError::Other("a hold must be for a positive amount (free routes take no hold)".into()));
