@@ -1,5 +1,11 @@
 //! The admin listener (DESIGN §6): `/metrics`, `/healthz`, `/readyz`, and the
 //! `/admin/*` JSON API behind the admin bearer token (compared in constant time).
+//!
+//! Errors are `{"error": "…"}` saying what to do next. A credit whose idempotency key
+//! was used for another top-up (another amount or key) is `409 Conflict`.
+//! `GET /admin/transactions?key=&limit=&before=` lists newest first (by `created_at`,
+//! then id), at most [`MAX_PAGE`] rows a page, and adds `"next"` (an opaque cursor for
+//! `before=`) when more rows exist.
 
 use std::time::Duration;
 
@@ -12,7 +18,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::gateway::Gateway;
-use crate::ledger::LedgerError;
+use crate::ledger::{Cursor, LedgerError, TxQuery, MAX_PAGE};
 use crate::money::Micros;
 use crate::Body;
 
@@ -132,22 +138,44 @@ where
             Ok(false) => error(StatusCode::NOT_FOUND, &format!("no key with id {id:?}")),
             Err(e) => ledger_error(&gw, e),
         },
+        // Newest first (by time, then id); `before` is the `next` of the page before.
         (&Method::GET, ["transactions"]) => {
             let mut key = None;
             let mut limit = 100usize;
+            let mut before = None;
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 match k {
                     "key" => key = Some(v.to_owned()),
                     "limit" => match v.parse::<usize>() {
-                        Ok(n) if (1..=10_000).contains(&n) => limit = n,
-                        _ => return error(StatusCode::BAD_REQUEST, "limit must be a number from 1 to 10000"),
+                        Ok(n) if (1..=MAX_PAGE).contains(&n) => limit = n,
+                        _ => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                &format!("limit must be a number from 1 to {MAX_PAGE}; page on with before=<next>"),
+                            )
+                        }
+                    },
+                    "before" => match Cursor::parse(v) {
+                        Some(c) => before = Some(c),
+                        None => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                "before must be the \"next\" value of an earlier page, unchanged",
+                            )
+                        }
                     },
                     _ => {}
                 }
             }
-            match ledger.transactions(key.as_deref(), limit).await {
-                Ok(t) => json_response(StatusCode::OK, json!({ "transactions": t })),
+            match ledger.transaction_page(TxQuery { key: key.as_deref(), before, limit }).await {
+                Ok(page) => {
+                    let mut body = json!({ "transactions": page.transactions });
+                    if let Some(next) = page.next {
+                        body["next"] = json!(next.encode());
+                    }
+                    json_response(StatusCode::OK, body)
+                }
                 Err(e) => ledger_error(&gw, e),
             }
         }
@@ -191,6 +219,7 @@ fn ledger_error(gw: &Gateway, e: LedgerError) -> Response<Body> {
     match e {
         LedgerError::NoSuchKey(id) => error(StatusCode::NOT_FOUND, &format!("no key with id {id:?}")),
         LedgerError::Overflow => error(StatusCode::BAD_REQUEST, "amount too large"),
+        conflict @ LedgerError::IdempotencyConflict { .. } => error(StatusCode::CONFLICT, &conflict.to_string()),
         LedgerError::Unavailable(_) => {
             gw.shared.metrics.ledger_errors.inc();
             let mut res = error(StatusCode::SERVICE_UNAVAILABLE, "the ledger is unavailable; retry shortly");

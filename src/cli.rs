@@ -70,6 +70,8 @@ enum KeysCommand {
     Credit {
         key_id: String,
         amount: String,
+        /// Names this top-up in the whole ledger: repeating it (same key and amount)
+        /// changes nothing; reusing it for another key or amount is refused.
         #[arg(long)]
         idempotency_key: Option<String>,
     },
@@ -213,7 +215,10 @@ async fn keys(cfg: Config, json: bool, command: KeysCommand) -> ExitCode {
                 let text = if o.applied {
                     format!("credited {amt} USD to {key_id}; balance {} USD", o.balance)
                 } else {
-                    format!("already applied (same idempotency key); balance {} USD", o.balance)
+                    format!(
+                        "already applied (same idempotency key, key and amount): nothing changed; balance {} USD",
+                        o.balance
+                    )
                 };
                 Ok((serde_json::json!({"id": key_id, "balance": o.balance.to_string(), "applied": o.applied}), text))
             }

@@ -14,12 +14,15 @@
 //! of its open holds (`held`); a hold is granted when `balance - held` covers it. The
 //! ledger's writer thread is the only place `balance` changes, right after each commit
 //! (or after it saw another process, e.g. `tollgate keys credit`, change the file), so
-//! the cache never runs ahead of the database. The database keeps the last word all
+//! the cache never runs ahead of the database. Before a hold trusts the cache, the
+//! ledger checks that no other process wrote to the file since the writer last synced
+//! it, and has the writer sync first if one did (`sqlite::Watch`): a revocation or a
+//! top-up holds for the very next hold. The database keeps the last word all
 //! the same: a capture is a conditional debit (`balance >= amount`), so even a stale
 //! cache cannot take a balance below zero.
 //!
-//! Transaction ids: a hold's id is the id its debit row will have, so admin listings
-//! and hold ids stay one sequence. The writer reserves blocks of ids in SQLite's
+//! Transaction ids: a hold's id is the id its debit row will have, so a hold keeps its
+//! place in listings (ordered by time, then id) once it is closed. The writer reserves blocks of ids in SQLite's
 //! `sqlite_sequence` (committed before any id of the block is handed out), so rows
 //! another process inserts meanwhile take ids after the block, never one of ours.
 

@@ -11,6 +11,10 @@
 //!
 //! Invariant for every key, at every commit: `balance = Σ credit − Σ debit + Σ refund`.
 //!
+//! Listings are newest first by time (`created_at`, then id), and paged with an opaque
+//! [`Cursor`]: ids do not follow time on SQLite, whose gateway numbers rows from
+//! blocks reserved in advance (see [`holds`]).
+//!
 //! Code outside this folder does not write SQL.
 
 pub mod holds;
@@ -39,6 +43,15 @@ pub enum LedgerError {
     NoSuchKey(String),
     #[error("amount too large")]
     Overflow,
+    /// A credit's idempotency key was used before for a different top-up (another
+    /// amount or another key): nothing changed. Idempotency keys name one top-up in the
+    /// whole ledger, not per key.
+    #[error(
+        "idempotency key {idempotency_key:?} was already used for a credit of {amount} USD to {key_id}; \
+         to retry that top-up repeat it exactly (same key id and amount), for a different top-up use a \
+         new idempotency key"
+    )]
+    IdempotencyConflict { idempotency_key: String, key_id: String, amount: Micros },
     #[error("ledger error: {0}")]
     Other(String),
 }
@@ -170,6 +183,86 @@ pub struct Transaction {
     pub created_at: i64,
 }
 
+/// Most transactions one page may carry (`limit` of `GET /admin/transactions`).
+pub const MAX_PAGE: usize = 10_000;
+
+/// Where a page of transactions ended: the sort key (`created_at`, id) of its last row.
+/// The next page holds the rows strictly older than it, so rows are neither skipped nor
+/// repeated however many are written meanwhile (new rows sort first). Clients see it
+/// only as an opaque string ([`Cursor::encode`]); the same row always encodes the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cursor {
+    /// Unix seconds.
+    pub created_at: i64,
+    pub id: i64,
+}
+
+/// Marks the encoding, so another one can be told apart later.
+const CURSOR_VERSION: &str = "t1";
+
+// === impl Cursor ===
+
+impl Cursor {
+    /// The sort key of `t` (newest first is descending order).
+    pub fn of(t: &Transaction) -> Cursor {
+        Cursor { created_at: t.created_at, id: t.id }
+    }
+
+    /// URL-safe base64 (no padding) of `t1.<created_at>.<id>`.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        let plain = format!("{CURSOR_VERSION}.{}.{}", self.created_at, self.id);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
+    }
+
+    /// The cursor `s` encodes; `None` for anything [`Cursor::encode`] did not make.
+    pub fn parse(s: &str) -> Option<Cursor> {
+        use base64::Engine;
+        let plain = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+        let plain = std::str::from_utf8(&plain).ok()?;
+        let mut parts = plain.split('.');
+        let (Some(CURSOR_VERSION), Some(created_at), Some(id), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        Some(Cursor { created_at: created_at.parse().ok()?, id: id.parse().ok()? })
+    }
+}
+
+/// What [`Ledger::transaction_page`] is asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TxQuery<'a> {
+    /// Only this key's transactions (the admin API's `key=`, a customer's own account).
+    pub key: Option<&'a str>,
+    /// Only rows older than this: the `next` of the page before.
+    pub before: Option<Cursor>,
+    /// Most rows on the page.
+    pub limit: usize,
+}
+
+/// One page of transactions, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxPage {
+    pub transactions: Vec<Transaction>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+// === impl TxPage ===
+
+impl TxPage {
+    /// Sorts `rows` newest first and keeps `limit` of them. A backend asks its store for
+    /// `limit + 1` rows, so that one more row than fits says there is a next page.
+    pub fn newest_first(mut rows: Vec<Transaction>, limit: usize) -> TxPage {
+        rows.sort_unstable_by_key(|t| std::cmp::Reverse(Cursor::of(t)));
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = if more { rows.last().map(Cursor::of) } else { None };
+        TxPage { transactions: rows, next }
+    }
+}
+
 /// An x402 payment settled on chain, recorded next to the credit transactions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Settlement {
@@ -195,7 +288,10 @@ pub trait Ledger: Send + Sync + 'static {
     async fn list_keys(&self) -> Result<Vec<KeyInfo>>;
     /// Revokes a key; returns false when there is no such key.
     async fn revoke(&self, id: &str) -> Result<bool>;
-    /// Adds funds. With an idempotency key, the same top-up applied twice counts once.
+    /// Adds funds. With an idempotency key, the same top-up applied twice counts once:
+    /// the repeat (same key id, same amount) changes nothing and answers `applied:
+    /// false`; the same idempotency key with another amount or another key id is
+    /// [`LedgerError::IdempotencyConflict`].
     async fn credit(&self, id: &str, amount: Micros, idempotency_key: Option<&str>) -> Result<CreditOutcome>;
 
     /// Looks the key up by its secret's hash and atomically holds `amount`.
@@ -209,8 +305,15 @@ pub trait Ledger: Send + Sync + 'static {
     /// Releases holds older than `older_than` (left behind by a crashed process).
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64>;
 
-    /// Newest first; `key` filters by key id.
-    async fn transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>>;
+    /// One page of transactions (open holds included, as `pending` debits), newest
+    /// first: by `created_at`, then by id.
+    async fn transaction_page(&self, query: TxQuery<'_>) -> Result<TxPage>;
+
+    /// The first `limit` transactions of [`Ledger::transaction_page`]; `key` filters
+    /// by key id.
+    async fn transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>> {
+        Ok(self.transaction_page(TxQuery { key, before: None, limit }).await?.transactions)
+    }
 
     /// Records an x402 (payer, nonce) until `valid_before` (unix seconds).
     /// Returns false when it is already recorded: a replay.
@@ -222,4 +325,57 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Cheap read-and-write round trip for readiness checks.
     async fn ping(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx(id: i64, created_at: i64) -> Transaction {
+        Transaction {
+            id,
+            key_id: "key_a".into(),
+            kind: TxKind::Credit,
+            amount: Micros(1),
+            route: None,
+            request_id: None,
+            status: None,
+            created_at,
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_anything_else() {
+        for c in [Cursor { created_at: 1_764_000_000, id: 4097 }, Cursor { created_at: 0, id: -1 }] {
+            let s = c.encode();
+            assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "URL-safe: {s}");
+            assert_eq!(Cursor::parse(&s), Some(c));
+        }
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        for bad in [
+            String::new(),
+            "!!".into(),
+            "1764000000.4097".into(),
+            b64("t1.1764000000"),
+            b64("t1.1764000000.4097.1"),
+            b64("t2.1764000000.4097"),
+            b64("t1.x.4097"),
+            b64("t1.1764000000.99999999999999999999"),
+        ] {
+            assert_eq!(Cursor::parse(&bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pages_are_newest_by_time_then_id() {
+        // Ids out of time order, as SQLite's reserved blocks make them.
+        let rows = vec![tx(10, 100), tx(9000, 99), tx(11, 101), tx(9001, 101)];
+        let page = TxPage::newest_first(rows.clone(), 3);
+        let ids: Vec<i64> = page.transactions.iter().map(|t| t.id).collect();
+        assert_eq!(ids, [9001, 11, 10]);
+        assert_eq!(page.next, Some(Cursor { created_at: 100, id: 10 }));
+        assert_eq!(TxPage::newest_first(rows.clone(), 4).next, None);
+        assert_eq!(TxPage::newest_first(rows, 0), TxPage { transactions: vec![], next: None });
+    }
 }

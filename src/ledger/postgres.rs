@@ -48,8 +48,13 @@
 //! - **stale holds**: pending holds are locked `FOR UPDATE SKIP LOCKED`, so replicas
 //!   sweeping at once split the work and never refund a hold twice; the keys to refund
 //!   are then locked in id order, so two sweeps cannot deadlock.
-//! - **credits**: `INSERT … ON CONFLICT DO NOTHING` on `(key_id, idempotency_key)` in
-//!   the same statement as the balance update: a top-up applied twice counts once.
+//! - **credits**: with an idempotency key, a transaction-scoped advisory lock on the
+//!   key's hash serialises every credit that names it (on every replica), so the
+//!   look-up (a repeat, or a conflict: another amount or another key) and the insert
+//!   cannot interleave; the insert and the balance update are one statement (`INSERT
+//!   … ON CONFLICT DO NOTHING` on `(key_id, idempotency_key)` still guards it).
+//! - **revocations and top-ups** are seen by the very next hold: a hold reads the key
+//!   row (balance, `revoked`) in its own statement, nothing is cached.
 //! - **x402 nonces**: `INSERT … ON CONFLICT DO NOTHING` on the primary key
 //!   `(payer, nonce)`: exactly one replica wins a replayed payment.
 //!
@@ -86,7 +91,7 @@ use tokio_postgres::{Client, Config as PgConfig, NoTls};
 
 use super::{
     generate_key, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey, Result,
-    SecretHash, Settlement, Transaction, TxKind,
+    SecretHash, Settlement, Transaction, TxKind, TxPage, TxQuery,
 };
 use crate::money::Micros;
 
@@ -97,6 +102,9 @@ pub const CLIENT_MARGIN: Duration = Duration::from_secs(1);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// `pg_advisory_xact_lock` key that serialises migrations: "tollgate" in ASCII.
 pub const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
+/// Seed of `hashtextextended` for the advisory locks of idempotency keys, so they do not
+/// share numbers with other users of `hashtextextended(…, 0)`.
+const IDEMPOTENCY_LOCK_SEED: i64 = 0x746f_6c6c_6964_656d;
 
 /// Schema version a database has once every migration is applied.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -167,6 +175,16 @@ pub const MIGRATIONS: &[&str] = &[
         id         INTEGER PRIMARY KEY CHECK (id = 1),
         checked_at BIGINT NOT NULL
     );
+    "#,
+    // 2: listings ordered by time (`created_at`, then id), which also serves what the
+    // (key_id, created_at) index did; idempotency keys looked up across keys (a reuse
+    // on another key is a conflict).
+    r#"
+    CREATE INDEX transactions_created ON transactions (created_at, id);
+    CREATE INDEX transactions_key_created_id ON transactions (key_id, created_at, id);
+    DROP INDEX transactions_key_created;
+    CREATE INDEX transactions_idempotency_key
+        ON transactions (idempotency_key) WHERE idempotency_key IS NOT NULL;
     "#,
 ];
 
@@ -792,30 +810,55 @@ impl Ledger for PostgresLedger {
         if delta == 0 {
             return Err(LedgerError::Other("a credit must be a positive amount".into()));
         }
+        // The credit row and the balance move together or not at all; a second top-up
+        // with the same idempotency key inserts nothing, so moves nothing. A balance
+        // past i64::MAX fails the statement (SQLSTATE 22003: Overflow).
+        const CREDIT: &str = "
+            WITH credit AS (
+                INSERT INTO transactions (key_id, kind, amount, idempotency_key)
+                SELECT id, 'credit', $2, $3 FROM keys WHERE id = $1
+                ON CONFLICT (key_id, idempotency_key) WHERE idempotency_key IS NOT NULL
+                DO NOTHING
+                RETURNING key_id, amount
+            )
+            UPDATE keys SET balance = keys.balance + credit.amount
+            FROM credit WHERE keys.id = credit.key_id
+            RETURNING keys.balance";
         self.run(async |c| {
-            // The credit row and the balance move together or not at all; a second
-            // top-up with the same idempotency key inserts nothing, so moves nothing.
-            // A balance past i64::MAX fails the statement (SQLSTATE 22003: Overflow).
-            let stmt = c
-                .prepare_cached(
-                    "WITH credit AS (
-                         INSERT INTO transactions (key_id, kind, amount, idempotency_key)
-                         SELECT id, 'credit', $2, $3 FROM keys WHERE id = $1
-                         ON CONFLICT (key_id, idempotency_key) WHERE idempotency_key IS NOT NULL
-                         DO NOTHING
-                         RETURNING key_id, amount
-                     )
-                     UPDATE keys SET balance = keys.balance + credit.amount
-                     FROM credit WHERE keys.id = credit.key_id
-                     RETURNING keys.balance",
-                )
-                .await?;
-            if let Some(row) = c.query_opt(&stmt, &[&id, &delta, &idempotency_key]).await? {
-                return Ok(CreditOutcome { balance: micros(row.try_get(0)?), applied: true });
+            let tx = c.transaction().await?;
+            if let Some(idem) = idempotency_key {
+                // Until this transaction ends, no other credit naming this idempotency
+                // key (for any key id, on any replica) can look or insert.
+                let stmt = tx.prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, $2))").await?;
+                tx.execute(&stmt, &[&idem, &IDEMPOTENCY_LOCK_SEED]).await?;
+                // This key's own row first: older versions scoped idempotency keys per
+                // key, so a database may hold the same one on several keys.
+                let stmt = tx
+                    .prepare_cached(
+                        "SELECT key_id, amount FROM transactions WHERE idempotency_key = $2
+                         ORDER BY key_id = $1 DESC LIMIT 1",
+                    )
+                    .await?;
+                if let Some(row) = tx.query_opt(&stmt, &[&id, &idem]).await? {
+                    let (key_id, seen): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+                    if key_id != id || seen != delta {
+                        return Err(LedgerError::IdempotencyConflict {
+                            idempotency_key: idem.to_owned(),
+                            key_id,
+                            amount: micros(seen),
+                        });
+                    }
+                }
+            }
+            let stmt = tx.prepare_cached(CREDIT).await?;
+            if let Some(row) = tx.query_opt(&stmt, &[&id, &delta, &idempotency_key]).await? {
+                let balance = micros(row.try_get(0)?);
+                tx.commit().await?;
+                return Ok(CreditOutcome { balance, applied: true });
             }
             // Nothing applied: no such key, or this top-up was seen before.
-            let stmt = c.prepare_cached("SELECT balance FROM keys WHERE id = $1").await?;
-            match c.query_opt(&stmt, &[&id]).await? {
+            let stmt = tx.prepare_cached("SELECT balance FROM keys WHERE id = $1").await?;
+            match tx.query_opt(&stmt, &[&id]).await? {
                 Some(row) => Ok(CreditOutcome { balance: micros(row.try_get(0)?), applied: false }),
                 None => Err(LedgerError::NoSuchKey(id.to_owned())),
             }
@@ -945,23 +988,28 @@ impl Ledger for PostgresLedger {
         .await
     }
 
-    async fn transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    async fn transaction_page(&self, query: TxQuery<'_>) -> Result<TxPage> {
+        let limit = i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let before = query.before.map(|c| (c.created_at, c.id));
         self.run(async |c| {
-            let rows = match key {
-                Some(key) => {
-                    let sql =
-                        format!("SELECT {TX_COLUMNS} FROM transactions WHERE key_id = $1 ORDER BY id DESC LIMIT $2");
-                    let stmt = c.prepare_cached(&sql).await?;
-                    c.query(&stmt, &[&key, &limit]).await?
-                }
-                None => {
-                    let sql = format!("SELECT {TX_COLUMNS} FROM transactions ORDER BY id DESC LIMIT $1");
-                    let stmt = c.prepare_cached(&sql).await?;
-                    c.query(&stmt, &[&limit]).await?
-                }
-            };
-            rows.iter().map(transaction).collect()
+            // One statement text per shape, so each is planned on its index:
+            // (key_id, created_at, id) with a key, (created_at, id) without.
+            let mut sql = format!("SELECT {TX_COLUMNS} FROM transactions WHERE true");
+            let mut args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::with_capacity(4);
+            if let Some(key) = &query.key {
+                args.push(key);
+                sql.push_str(&format!(" AND key_id = ${}", args.len()));
+            }
+            if let Some((created_at, id)) = &before {
+                args.push(created_at);
+                args.push(id);
+                sql.push_str(&format!(" AND (created_at, id) < (${}, ${})", args.len() - 1, args.len()));
+            }
+            args.push(&limit);
+            sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT ${}", args.len()));
+            let stmt = c.prepare_cached(&sql).await?;
+            let rows = c.query(&stmt, &args).await?.iter().map(transaction).collect::<Result<Vec<_>>>()?;
+            Ok(TxPage::newest_first(rows, query.limit))
         })
         .await
     }

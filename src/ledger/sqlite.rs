@@ -33,7 +33,9 @@
 //! before. See [`super::holds`] for how the cached balances stay exact and why a crash
 //! cannot lose or double a charge. Another process changing the file (`tollgate keys
 //! credit` or `revoke` while the gateway runs) is noticed through `PRAGMA data_version`
-//! before the writer's next batch and at least every [`SYNC_EVERY`].
+//! **on every hold**, before the cache is trusted (see `Watch`): a revocation or a
+//! top-up made by `tollgate keys` holds for every request that starts after the
+//! command returned.
 //!
 //! # Durability
 //!
@@ -62,7 +64,7 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -72,8 +74,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::holds::{Attempt, Book, OpenHold, ID_BLOCK, ID_LOW_WATER};
 use super::{
-    generate_key, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey, Result,
-    SecretHash, Settlement, Transaction, TxKind,
+    generate_key, CreditOutcome, Cursor, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey,
+    Result, SecretHash, Settlement, Transaction, TxKind, TxPage, TxQuery,
 };
 use crate::money::Micros;
 
@@ -84,8 +86,6 @@ const QUEUE_DEPTH: usize = 4096;
 /// How long a statement waits for a lock held by another connection (another process
 /// opening the same file, or the reader during a checkpoint) before failing closed.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often the writer looks for changes other processes made to the file, when idle.
-pub const SYNC_EVERY: Duration = Duration::from_millis(500);
 
 /// Schema version a database has once every migration is applied.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -153,6 +153,14 @@ pub const MIGRATIONS: &[&str] = &[
         checked_at INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 2: listings ordered by time (`created_at`, then id: the id is the rowid, so it
+    // is in every index); idempotency keys looked up across keys (a reuse on another
+    // key is a conflict).
+    r#"
+    CREATE INDEX transactions_created ON transactions (created_at);
+    CREATE INDEX transactions_idempotency_key
+        ON transactions (idempotency_key) WHERE idempotency_key IS NOT NULL;
+    "#,
 ];
 
 /// Durability settings (see the module docs).
@@ -181,6 +189,7 @@ pub struct SqliteLedger {
     _checkpointer: Checkpointer,
     commits: Arc<AtomicU64>,
     book: Book,
+    watch: Arc<Watch>,
 }
 
 impl std::fmt::Debug for SqliteLedger {
@@ -209,6 +218,9 @@ impl SqliteLedger {
 
         let commits = Arc::new(AtomicU64::new(0));
         let book = Book::default();
+        let watch_conn = connect(path, opts.busy_timeout)?;
+        watch_conn.execute_batch("PRAGMA query_only = ON;")?;
+        let watch = Arc::new(Watch::new(watch_conn));
         // Replies go through a task on the runtime that opened the ledger, if any (the
         // gateway's; it runs as long as the gateway does).
         let courier = tokio::runtime::Handle::try_current().ok().map(|rt| {
@@ -217,8 +229,8 @@ impl SqliteLedger {
             courier
         });
         let writer = Worker::spawn("tollgate-ledger-writer", {
-            let (commits, book) = (commits.clone(), book.clone());
-            move |queue| write_loop(&conn, &book, queue, &commits, courier)
+            let (commits, book, watch) = (commits.clone(), book.clone(), watch.clone());
+            move |queue| write_loop(&conn, &book, &watch, queue, &commits, courier)
         })?;
         let reader = Worker::spawn("tollgate-ledger-reader", {
             let book = book.clone();
@@ -226,7 +238,7 @@ impl SqliteLedger {
         })?;
         let nudge = writer.queue.as_ref().map(mpsc::Sender::downgrade);
         let checkpointer = Checkpointer::spawn(connect(path, opts.busy_timeout)?, nudge)?;
-        Ok(SqliteLedger { writer, reader, _checkpointer: checkpointer, commits, book })
+        Ok(SqliteLedger { writer, reader, _checkpointer: checkpointer, commits, book, watch })
     }
 
     /// Number of write transactions committed so far. Each may carry up to
@@ -264,23 +276,31 @@ impl SqliteLedger {
         .await
     }
 
-    async fn stored_transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>> {
+    /// Stored rows of `query`, newest first, at most `limit`.
+    async fn stored_transactions(&self, query: TxQuery<'_>, limit: usize) -> Result<Vec<Transaction>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let key = key.map(str::to_owned);
+        let key = query.key.map(str::to_owned);
+        let before = query.before;
         self.read(move |conn| {
-            let rows = match &key {
-                Some(key) => {
-                    let sql =
-                        format!("SELECT {TX_COLUMNS} FROM transactions WHERE key_id = ?1 ORDER BY id DESC LIMIT ?2");
-                    conn.prepare_cached(&sql)?
-                        .query_map(params![key, limit], transaction)?
-                        .collect::<rusqlite::Result<_>>()?
-                }
-                None => {
-                    let sql = format!("SELECT {TX_COLUMNS} FROM transactions ORDER BY id DESC LIMIT ?1");
-                    conn.prepare_cached(&sql)?.query_map([limit], transaction)?.collect::<rusqlite::Result<_>>()?
-                }
-            };
+            // One statement text per shape, so each is planned on its index:
+            // (key_id, created_at) with a key, (created_at) without; the id (rowid) is
+            // the last column of both.
+            let mut sql = format!("SELECT {TX_COLUMNS} FROM transactions WHERE true");
+            let mut args: Vec<rusqlite::types::Value> = Vec::with_capacity(4);
+            if let Some(key) = key {
+                sql.push_str(" AND key_id = ?");
+                args.push(key.into());
+            }
+            if let Some(c) = before {
+                sql.push_str(" AND (created_at, id) < (?, ?)");
+                args.extend([c.created_at.into(), c.id.into()]);
+            }
+            sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ?");
+            args.push(limit.into());
+            let rows = conn
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(args), transaction)?
+                .collect::<rusqlite::Result<_>>()?;
             Ok(rows)
         })
         .await
@@ -341,6 +361,12 @@ fn less_held(mut key: KeyInfo, held: &HashMap<String, Micros>) -> KeyInfo {
         key.balance = key.balance.checked_sub(*h).unwrap_or(Micros::ZERO);
     }
     key
+}
+
+/// A committed balance as callers see it (as PostgreSQL, which writes holds, has it):
+/// less what the key's open holds keep aside.
+fn less_open_holds(tx: &Tx<'_>, key_id: &str, balance: u64) -> Micros {
+    Micros(balance).checked_sub(tx.book.held(key_id)).unwrap_or(Micros::ZERO)
 }
 
 /// What a command runs against: the connection (through `Deref`) and the open holds.
@@ -591,7 +617,14 @@ impl Drop for Checkpointer {
     }
 }
 
-fn write_loop(conn: &Connection, book: &Book, mut queue: Queue, commits: &AtomicU64, courier: Option<Courier>) {
+fn write_loop(
+    conn: &Connection,
+    book: &Book,
+    watch: &Watch,
+    mut queue: Queue,
+    commits: &AtomicU64,
+    courier: Option<Courier>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut outbox = Vec::with_capacity(MAX_BATCH);
     // `None` forces a refresh of every cached key before the next batch.
@@ -619,6 +652,9 @@ fn write_loop(conn: &Connection, book: &Book, mut queue: Queue, commits: &Atomic
             // Some book changes may belong to writes that were rolled back.
             seen = None;
         }
+        // Before the replies go: a caller's next hold must not take this batch's own
+        // commit for another process's (see `Watch`).
+        seen = watch.mark(conn, book, seen);
         let replies = std::mem::replace(&mut outbox, Vec::with_capacity(MAX_BATCH));
         match &courier {
             // One wake-up of the runtime for the whole batch; the courier task then
@@ -648,11 +684,72 @@ async fn courier_loop(mut batches: mpsc::UnboundedReceiver<Vec<Outgoing>>) {
     }
 }
 
+/// Tells the hold path, synchronously, whether the [`Book`] may be stale: whether any
+/// connection committed to the file since the writer last brought the book up to date.
+///
+/// `PRAGMA data_version` changes when *another* connection commits. The writer's own
+/// connection would answer exactly ("another process wrote"), but it is busy with
+/// batches; so the hold path asks a connection of its own, which also sees the
+/// writer's commits. The writer therefore records, after each batch and before its
+/// replies go out, this connection's version (`synced`) and *then* syncs the book on
+/// its own connection: a foreign commit before the record is caught by that sync, one
+/// after it changes the version the next hold reads. A hold that finds the version
+/// moved wakes the writer, which syncs before its next batch, and waits for it; that
+/// happens after another process wrote, or when a hold falls between the writer's
+/// commit and its record (microseconds).
+///
+/// The check is a mutex and one `PRAGMA` (a read transaction's start: the WAL index
+/// header is compared in shared memory, no file I/O).
+struct Watch {
+    inner: Mutex<WatchState>,
+}
+
+struct WatchState {
+    conn: Connection,
+    /// `data_version` as the writer last recorded it; `None` until its first sync, and
+    /// after a sync that failed.
+    synced: Option<i64>,
+}
+
+// === impl Watch ===
+
+impl Watch {
+    fn new(conn: Connection) -> Watch {
+        Watch { inner: Mutex::new(WatchState { conn, synced: None }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        // The state is one integer, always whole: a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True when the book reflects every commit to the file. An error reading the
+    /// version is "maybe stale": the caller then asks the writer.
+    fn fresh(&self) -> bool {
+        let state = self.lock();
+        state.synced.is_some() && data_version(&state.conn).ok() == state.synced
+    }
+
+    /// The writer, after a batch: records the version, then syncs the book (see the type
+    /// docs for why in this order). Returns what [`sync`] returns.
+    fn mark(&self, conn: &Connection, book: &Book, seen: Option<i64>) -> Option<i64> {
+        let mut state = self.lock();
+        let version = data_version(&state.conn).ok();
+        let seen = sync(conn, book, seen);
+        state.synced = version.filter(|_| seen.is_some());
+        seen
+    }
+}
+
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))
+}
+
 /// Refreshes the cached keys when another connection committed since `seen` (the
 /// connection's `data_version`), or always when `seen` is `None`. Returns the version
 /// now seen (`None` again if the refresh failed).
 fn sync(conn: &Connection, book: &Book, seen: Option<i64>) -> Option<i64> {
-    let version = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)).ok()?;
+    let version = data_version(conn).ok()?;
     if seen == Some(version) {
         return seen;
     }
@@ -1089,11 +1186,27 @@ impl Ledger for SqliteLedger {
                 return Err(LedgerError::NoSuchKey(id));
             };
             if let Some(idem) = &idem {
-                let seen = conn
-                    .prepare_cached("SELECT 1 FROM transactions WHERE key_id = ?1 AND idempotency_key = ?2")?
-                    .exists(params![id, idem])?;
-                if seen {
-                    return Ok(CreditOutcome { balance: Micros(balance), applied: false });
+                // This key's own row first: older versions scoped idempotency keys per
+                // key, so a database may hold the same one on several keys.
+                let seen: Option<(String, u64)> = conn
+                    .prepare_cached(
+                        "SELECT key_id, amount FROM transactions WHERE idempotency_key = ?2
+                         ORDER BY key_id = ?1 DESC LIMIT 1",
+                    )?
+                    .query_row(params![id, idem], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                match seen {
+                    Some((key_id, seen)) if key_id == id && seen == amount.get() => {
+                        return Ok(CreditOutcome { balance: less_open_holds(conn, &id, balance), applied: false });
+                    }
+                    Some((key_id, seen)) => {
+                        return Err(LedgerError::IdempotencyConflict {
+                            idempotency_key: idem.clone(),
+                            key_id,
+                            amount: Micros(seen),
+                        });
+                    }
+                    None => {}
                 }
             }
             let new_balance =
@@ -1101,7 +1214,7 @@ impl Ledger for SqliteLedger {
             conn.prepare_cached("UPDATE keys SET balance = balance + ?2 WHERE id = ?1")?.execute(params![id, delta])?;
             insert_credit(conn, &id, delta, idem.as_deref(), now())?;
             conn.book.set(&id, Micros(new_balance), revoked);
-            Ok(CreditOutcome { balance: Micros(new_balance), applied: true })
+            Ok(CreditOutcome { balance: less_open_holds(conn, &id, new_balance), applied: true })
         })
         .await
     }
@@ -1111,7 +1224,8 @@ impl Ledger for SqliteLedger {
     /// released hold is not spending (its refund cancels it).
     ///
     /// Without a spend cap this decides on the calling thread from the [`Book`]; the
-    /// writer is asked only to load a key not cached yet, or to reserve more ids.
+    /// writer is asked only to load a key not cached yet, to reserve more ids, or to
+    /// sync the book when another process wrote to the file (`Watch`).
     async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome> {
         if to_db(req.amount)? == 0 {
             return Err(LedgerError::Other("a hold must be for a positive amount (free routes take no hold)".into()));
@@ -1119,6 +1233,11 @@ impl Ledger for SqliteLedger {
         let HoldRequest { secret, amount, route, request_id, spend_cap } = req;
         if let Some(cap) = spend_cap {
             return self.authorize_capped(secret, amount, route, request_id, cap).await;
+        }
+        if !self.watch.fresh() {
+            // Another process (`tollgate keys revoke` or `credit`) committed since the
+            // book was synced: the writer syncs it before its next batch.
+            self.writer.wake().await?;
         }
         let mut loaded = false;
         for _ in 0..4 {
@@ -1207,15 +1326,15 @@ impl Ledger for SqliteLedger {
     }
 
     /// Open holds are listed as `pending` debits among the rows (read first: a hold
-    /// captured in between shows once, as its row).
-    async fn transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>> {
-        let pending = self.book.pending(key);
-        let mut rows = self.stored_transactions(key, limit).await?;
+    /// captured in between shows once, as its row). A hold's row keeps the hold's time
+    /// and id, so it sorts in the same place before and after it is closed.
+    async fn transaction_page(&self, query: TxQuery<'_>) -> Result<TxPage> {
+        let in_page = |t: &Transaction| query.before.is_none_or(|c| Cursor::of(t) < c);
+        let pending: Vec<Transaction> = self.book.pending(query.key).into_iter().filter(in_page).collect();
+        let mut rows = self.stored_transactions(query, query.limit.saturating_add(1)).await?;
         let stored: std::collections::HashSet<i64> = rows.iter().map(|t| t.id).collect();
         rows.extend(pending.into_iter().filter(|t| !stored.contains(&t.id)));
-        rows.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
-        rows.truncate(limit);
-        Ok(rows)
+        Ok(TxPage::newest_first(rows, query.limit))
     }
 
     async fn reserve_nonce(&self, payer: &str, nonce: &str, valid_before: u64) -> Result<bool> {

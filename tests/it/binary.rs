@@ -139,3 +139,101 @@ async fn kill_9_during_paid_load_leaves_the_ledger_consistent() {
     assert!(captured >= client_200s, "every paid response was charged: {captured} < {client_200s}");
     assert!(captured <= up.hits(), "nothing charged that the upstream did not serve: {captured} > {}", up.hits());
 }
+
+/// `tollgate keys revoke` / `credit` run while the gateway runs (another process on the
+/// same SQLite file): the very next request sees them, with no wait. The CLI and the
+/// admin API refuse an idempotency key reused for another top-up alike, and the admin
+/// API pages through every transaction, newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_cli_changes_hold_for_the_next_request_of_a_running_gateway() {
+    let up = ok_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let cfg = write_config(dir.path(), &up.url(), port, admin_port);
+    let create = |balance: &str| {
+        let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", balance, "--json"]);
+        assert!(ok, "{err}");
+        let k = parse_json(&out);
+        (k["id"].as_str().unwrap().to_owned(), k["key"].as_str().unwrap().to_owned())
+    };
+    let (a, a_key) = create("10");
+    let (b, b_key) = create("0.002");
+    let _gw = Proc(Command::new(binary()).args(["run", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn().unwrap());
+    let admin_base = format!("http://127.0.0.1:{admin_port}");
+    wait_healthy(&admin_base).await;
+    let url = format!("http://127.0.0.1:{port}/v1/x");
+    let paid = |key: &str| {
+        let (url, auth) = (url.clone(), format!("Bearer {key}"));
+        async move { send("GET", &url, &[("authorization", &auth)], "").await }
+    };
+    let admin_auth = format!("Bearer {ADMIN_TOKEN}");
+    let admin = |method: &'static str, path: String, body: &'static str| {
+        let (url, auth) = (format!("{admin_base}{path}"), admin_auth.clone());
+        async move { send(method, &url, &[("authorization", &auth), ("content-type", "application/json")], body).await }
+    };
+
+    assert_eq!(paid(&a_key).await.status, 200);
+    let (ok, _, err) = cli(&cfg, &["keys", "revoke", &a]);
+    assert!(ok, "{err}");
+    let refused = paid(&a_key).await;
+    assert_eq!((refused.status.as_u16(), refused.json()["reason"].as_str()), (402, Some("payment_invalid")));
+
+    assert_eq!(paid(&b_key).await.status, 200);
+    let short = paid(&b_key).await;
+    assert_eq!((short.status.as_u16(), short.json()["reason"].as_str()), (402, Some("insufficient_funds")));
+    let (ok, _, err) = cli(&cfg, &["keys", "credit", &b, "1.00", "--idempotency-key", "inv-1"]);
+    assert!(ok, "{err}");
+    assert_eq!(paid(&b_key).await.status, 200, "the top-up holds for the next request");
+
+    // The same idempotency key for another top-up: refused by the CLI (exit 1) and the
+    // admin API (409) alike, changing nothing; the same top-up again is harmless.
+    for (key_id, amount) in [(&b, "2.00"), (&a, "1.00")] {
+        let (ok, out, err) = cli(&cfg, &["keys", "credit", key_id, amount, "--idempotency-key", "inv-1", "--json"]);
+        assert!(!ok && out.is_empty(), "{out}");
+        assert!(err.contains("\"inv-1\"") && err.contains(&b) && err.contains("new idempotency key"), "{err}");
+        let body = if key_id == &b {
+            r#"{"amount":"2.00","idempotency_key":"inv-1"}"#
+        } else {
+            r#"{"amount":"1.00","idempotency_key":"inv-1"}"#
+        };
+        let r = admin("POST", format!("/admin/keys/{key_id}/credit"), body).await;
+        assert_eq!(r.status, 409, "{}", r.text());
+        assert_eq!(r.json()["error"].as_str(), Some(err.trim().trim_start_matches("error: ")));
+    }
+    let (ok, out, err) = cli(&cfg, &["keys", "credit", &b, "1.00", "--idempotency-key", "inv-1", "--json"]);
+    assert!(ok, "{err}");
+    let repeat =
+        admin("POST", format!("/admin/keys/{b}/credit"), r#"{"amount":"1.00","idempotency_key":"inv-1"}"#).await;
+    assert_eq!(repeat.status, 200);
+    assert_eq!(parse_json(&out), repeat.json(), "the CLI prints what the admin API answers");
+    assert_eq!(repeat.json()["applied"], false);
+    assert_eq!(repeat.json()["balance"], "0.998");
+
+    // Pages of two, following `next`, read every row once, in the order of one big page.
+    let whole = admin("GET", "/admin/transactions?limit=10000".into(), "").await.json();
+    assert!(whole.get("next").is_none(), "{whole}");
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        v["transactions"].as_array().unwrap().iter().map(|t| t["id"].as_i64().unwrap()).collect()
+    };
+    let all = ids(&whole);
+    assert_eq!(all.len(), 6, "two openings, one top-up, three paid requests: {whole}");
+    let (mut paged, mut next) = (Vec::new(), String::new());
+    loop {
+        let path = if next.is_empty() {
+            "/admin/transactions?limit=2".to_owned()
+        } else {
+            format!("/admin/transactions?limit=2&before={next}")
+        };
+        let page = admin("GET", path, "").await.json();
+        paged.extend(ids(&page));
+        match page["next"].as_str() {
+            Some(n) => next = n.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+    for bad in ["before=nope", "before=", "limit=0", "limit=10001"] {
+        let r = admin("GET", format!("/admin/transactions?{bad}"), "").await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+}

@@ -2,9 +2,12 @@
 //! numbers, run against every backend.
 //!
 //! Each case in [`suite`] takes a fresh, empty `Arc<dyn Ledger>`. A backend joins with
-//! one line, `conformance_suite!(module_name, async { (ledger, guard) })`: the factory
-//! runs once per test and returns the ledger plus a guard (a temp dir, a scratch
-//! schema…) that lives until the test ends. SQLite-only behaviour (reopening a file,
+//! one line, `conformance_suite!(module_name, async { (ledger, other, guard) })`: the
+//! factory runs once per test and returns the ledger, a second handle opened on the
+//! same store on its own (its own connections: to the ledger it is another process,
+//! as `tollgate keys` is to a running gateway), plus a guard (a temp dir, a scratch
+//! schema…) that lives until the test ends. Most cases use the first handle only; the
+//! `case_other_process_*` ones take both. SQLite-only behaviour (reopening a file,
 //! surviving `kill -9`) is tested at the bottom.
 
 use std::path::Path;
@@ -17,7 +20,7 @@ use tollgate::money::Micros;
 
 pub mod suite {
     use super::*;
-    use tollgate::ledger::{CreditOutcome, Settlement, Transaction, KEY_PREFIX};
+    use tollgate::ledger::{CreditOutcome, Cursor, Settlement, Transaction, TxQuery, KEY_PREFIX};
 
     pub const PRICE: Micros = Micros(2_000);
     const ROUTE: &str = "/v1/chat";
@@ -180,6 +183,9 @@ pub mod suite {
         assert_eq!(balance(&l, &k.id).await, Micros::ZERO);
         let after = l.authorize(req(&k.key, Micros(1), "r")).await.unwrap();
         assert_eq!(after, HoldOutcome::Insufficient { key_id: k.id.clone(), balance: Micros::ZERO });
+        // A credit answers the balance as `key` shows it: less what open holds keep.
+        assert_eq!(l.credit(&k.id, Micros(1), None).await.unwrap().balance, Micros(1));
+        assert_eq!(balance(&l, &k.id).await, Micros(1));
 
         // Amounts a backend cannot store are refused, not wrapped.
         assert!(matches!(l.authorize(req(&k.key, Micros(u64::MAX), "r")).await, Err(LedgerError::Overflow)));
@@ -263,26 +269,71 @@ pub mod suite {
         assert_eq!(applied, 1);
         assert_eq!(balance(&l, &k.id).await, Micros(3_002));
 
-        // Idempotency keys are scoped per API key.
+        // An idempotency key names one top-up in the whole ledger: reused with another
+        // amount, or on another key, it is refused and changes nothing.
         let k2 = l.create_key(None, Micros::ZERO).await.unwrap();
-        let scoped = l.credit(&k2.id, Micros(700), Some("topup-1")).await.unwrap();
+        let conflict = |e: LedgerError| match e {
+            LedgerError::IdempotencyConflict { idempotency_key, key_id, amount } => (idempotency_key, key_id, amount),
+            other => panic!("expected a conflict, got {other:?}"),
+        };
+        let first_topup = ("topup-1".to_owned(), k.id.clone(), Micros(500));
+        let other_amount = l.credit(&k.id, Micros(501), Some("topup-1")).await.unwrap_err();
+        assert!(other_amount.to_string().contains("new idempotency key"), "says what to do: {other_amount}");
+        assert_eq!(conflict(other_amount), first_topup);
+        assert_eq!(conflict(l.credit(&k2.id, Micros(500), Some("topup-1")).await.unwrap_err()), first_topup);
+        assert_eq!(conflict(l.credit(&k2.id, Micros(700), Some("topup-1")).await.unwrap_err()), first_topup);
+        assert_eq!(balance(&l, &k2.id).await, Micros::ZERO);
+        assert_eq!(balance(&l, &k.id).await, Micros(3_002));
+        let scoped = l.credit(&k2.id, Micros(700), Some("k2-topup-1")).await.unwrap();
         assert_eq!(scoped, CreditOutcome { balance: Micros(700), applied: true });
+        // Still a harmless repeat after the conflicts.
+        let again = l.credit(&k.id, Micros(500), Some("topup-1")).await.unwrap();
+        assert_eq!(again, CreditOutcome { balance: Micros(3_002), applied: false });
+
+        // Concurrent first uses of one idempotency key on two keys: exactly one applies,
+        // the other is a conflict.
+        let tasks: Vec<_> = [&k.id, &k2.id]
+            .into_iter()
+            .cycle()
+            .take(20)
+            .map(|id| {
+                let (l, id) = (l.clone(), id.clone());
+                tokio::spawn(async move { l.credit(&id, Micros(10), Some("topup-race")).await })
+            })
+            .collect();
+        let (mut applied, mut repeats, mut conflicts) = (0, 0, 0);
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(CreditOutcome { applied: true, .. }) => applied += 1,
+                Ok(CreditOutcome { applied: false, .. }) => repeats += 1,
+                Err(LedgerError::IdempotencyConflict { .. }) => conflicts += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((applied, repeats + conflicts), (1, 19));
+        assert_eq!(conflicts, 10, "every use on the key that lost is a conflict");
+        let winner = if balance(&l, &k.id).await == Micros(3_012) { &k.id } else { &k2.id };
+        let total = balance(&l, &k.id).await.get() + balance(&l, &k2.id).await.get();
+        assert_eq!(total, 3_002 + 700 + 10, "won by {winner}");
 
         assert!(matches!(l.credit("key_nope", Micros(1), None).await, Err(LedgerError::NoSuchKey(_))));
         assert!(matches!(l.credit("key_nope", Micros(1), Some("x")).await, Err(LedgerError::NoSuchKey(_))));
         assert!(matches!(l.credit(&k.id, Micros::ZERO, None).await, Err(LedgerError::Other(_))));
         assert!(matches!(l.credit(&k.id, Micros(u64::MAX), None).await, Err(LedgerError::Overflow)));
-        let near_max = Micros(i64::MAX as u64 - 3_002);
+        let top = balance(&l, &k.id).await.get();
+        let near_max = Micros(i64::MAX as u64 - top);
         assert_eq!(l.credit(&k.id, near_max, None).await.unwrap().balance, Micros(i64::MAX as u64));
         assert!(matches!(l.credit(&k.id, Micros(1), None).await, Err(LedgerError::Overflow)));
 
         // A revoked key can still be credited (e.g. before it is reinstated).
         l.revoke(&k2.id).await.unwrap();
+        let before = balance(&l, &k2.id).await;
         let revoked = l.credit(&k2.id, Micros(300), Some("late")).await.unwrap();
-        assert_eq!(revoked, CreditOutcome { balance: Micros(1_000), applied: true });
+        assert_eq!(revoked, CreditOutcome { balance: Micros(before.get() + 300), applied: true });
 
         let credits = of_kind(&rows(&l, &k.id).await, TxKind::Credit).len();
-        assert_eq!(credits, 7, "opening, topup-1, topup-2, two plain, topup-3, near max");
+        let raced = usize::from(winner == &k.id);
+        assert_eq!(credits, 7 + raced, "opening, topup-1, topup-2, two plain, topup-3, near max (and the race)");
         assert_invariant(&l, &k.id).await;
         assert_invariant(&l, &k2.id).await;
     }
@@ -395,11 +446,11 @@ pub mod suite {
         let kinds: Vec<TxKind> = of_a.iter().map(|t| t.kind).collect();
         assert_eq!(kinds, [TxKind::Refund, TxKind::Debit, TxKind::Credit], "newest first");
         assert!(of_a.iter().all(|t| t.key_id == a.id));
-        assert!(of_a.windows(2).all(|w| w[0].id > w[1].id));
+        assert!(newest_first(&of_a));
 
         let all = l.transactions(None, ALL).await.unwrap();
         assert_eq!(all.len(), 6);
-        assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+        assert!(newest_first(&all));
         let newest: Vec<(&str, TxKind)> = all.iter().take(3).map(|t| (t.key_id.as_str(), t.kind)).collect();
         assert_eq!(
             newest,
@@ -411,6 +462,155 @@ pub mod suite {
         assert_eq!(l.transactions(None, 1).await.unwrap(), all[..1]);
         assert_eq!(l.transactions(None, 0).await.unwrap(), []);
         assert_eq!(l.transactions(Some("key_nope"), 10).await.unwrap(), []);
+    }
+
+    /// Strictly newest first: by `created_at`, then id.
+    fn newest_first(rows: &[Transaction]) -> bool {
+        rows.windows(2).all(|w| Cursor::of(&w[0]) > Cursor::of(&w[1]))
+    }
+
+    /// Every row of `query`'s listing, read `limit` at a time by following `next`.
+    async fn paged(l: &Arc<dyn Ledger>, key: Option<&str>, limit: usize) -> Vec<Transaction> {
+        let (mut all, mut before) = (Vec::new(), None);
+        loop {
+            let page = l.transaction_page(TxQuery { key, before, limit }).await.unwrap();
+            assert!(page.transactions.len() <= limit);
+            all.extend(page.transactions);
+            match page.next {
+                Some(next) => before = Some(next),
+                None => return all,
+            }
+        }
+    }
+
+    fn ids(rows: &[Transaction]) -> Vec<i64> {
+        rows.iter().map(|t| t.id).collect()
+    }
+
+    fn unix_now() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    /// A revocation or a top-up made through another handle (another process, as
+    /// `tollgate keys` is to the gateway) holds for the very next hold: no delay, no
+    /// retry.
+    pub async fn case_other_process_revocations_and_top_ups(l: Arc<dyn Ledger>, other: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(3_000)).await.unwrap();
+        // The gateway has served the key: whatever it keeps of it is warm.
+        let first = hold(&l, &k.key, PRICE, "a").await;
+        assert!(l.capture(first).await.unwrap());
+        let short = l.authorize(req(&k.key, PRICE, "b")).await.unwrap();
+        assert_eq!(short, HoldOutcome::Insufficient { key_id: k.id.clone(), balance: Micros(1_000) });
+        for i in 0..20 {
+            let topup = format!("topup-{i}");
+            assert!(other.credit(&k.id, PRICE, Some(&topup)).await.unwrap().applied);
+            let request_id = format!("after-{topup}");
+            match l.authorize(req(&k.key, PRICE, &request_id)).await.unwrap() {
+                HoldOutcome::Held { hold, balance, .. } => {
+                    assert_eq!(balance, Micros(1_000), "top-up {i}");
+                    assert!(l.capture(hold).await.unwrap());
+                }
+                other => panic!("top-up {i} not seen by the next request: {other:?}"),
+            }
+        }
+
+        // A request that started before the revocation may finish; none after it starts.
+        let before = hold(&l, &k.key, Micros(500), "before-revoke").await;
+        assert!(other.revoke(&k.id).await.unwrap());
+        assert_eq!(
+            l.authorize(req(&k.key, Micros(1), "c")).await.unwrap(),
+            HoldOutcome::Revoked { key_id: k.id.clone() }
+        );
+        let capped = HoldRequest { spend_cap: Some((PRICE, HOUR)), ..req(&k.key, Micros(1), "d") };
+        assert_eq!(l.authorize(capped).await.unwrap(), HoldOutcome::Revoked { key_id: k.id.clone() });
+        assert!(l.capture(before).await.unwrap());
+
+        for i in 0..10 {
+            let k = other.create_key(None, Micros(10_000)).await.unwrap();
+            let request_id = format!("warm-{i}");
+            let h = hold(&l, &k.key, PRICE, &request_id).await;
+            l.release(h).await.unwrap();
+            assert!(other.revoke(&k.id).await.unwrap());
+            let refused = l.authorize(req(&k.key, PRICE, &request_id)).await.unwrap();
+            assert_eq!(refused, HoldOutcome::Revoked { key_id: k.id.clone() }, "revocation {i}");
+        }
+        assert_invariant(&l, &k.id).await;
+    }
+
+    /// Rows written by the gateway and by another process, interleaved, list newest
+    /// first by time, and paging with any limit reads each exactly once, also while
+    /// rows are written and holds close between pages.
+    pub async fn case_other_process_transactions_page(l: Arc<dyn Ledger>, other: Arc<dyn Ledger>) {
+        let a = l.create_key(None, Micros(1_000_000)).await.unwrap();
+        let b = other.create_key(None, Micros(1_000_000)).await.unwrap();
+        let mut open = Vec::new();
+        for i in 0..12 {
+            let request_id = format!("gw-{i}");
+            let secret = if i % 2 == 0 { &a.key } else { &b.key };
+            let h = hold(&l, secret, Micros(100 + i), &request_id).await;
+            match i % 3 {
+                0 => assert!(l.capture(h).await.unwrap()),
+                1 => l.release(h).await.unwrap(),
+                _ => open.push(h),
+            }
+            let topup = format!("cli-{i}");
+            other.credit(if i % 2 == 0 { &b.id } else { &a.id }, Micros(7), Some(&topup)).await.unwrap();
+        }
+        // A gateway row a second later than everything the other process wrote sorts
+        // first, whatever the ids (SQLite numbers the gateway's rows from a block it
+        // reserved before the other process's rows).
+        let newest_so_far = l.transactions(None, 1).await.unwrap()[0].created_at;
+        while unix_now() <= newest_so_far {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let late = hold(&l, &a.key, Micros(1), "gw-late").await;
+        assert!(l.capture(late).await.unwrap());
+        assert_eq!(l.transactions(None, 1).await.unwrap()[0].request_id.as_deref(), Some("gw-late"));
+
+        let all = l.transactions(None, ALL).await.unwrap();
+        // Two openings, 12 holds (4 released with their refund), 12 credits, the late one.
+        assert_eq!(all.len(), 2 + 12 + 4 + 12 + 1);
+        assert!(newest_first(&all));
+        assert_eq!(all.iter().filter(|t| t.status.as_deref() == Some("pending")).count(), 4);
+        let whole = l.transaction_page(TxQuery { key: None, before: None, limit: ALL }).await.unwrap();
+        assert_eq!((whole.transactions.len(), whole.next), (all.len(), None));
+        for limit in [1, 2, 3, 5, all.len() - 1, all.len()] {
+            assert_eq!(ids(&paged(&l, None, limit).await), ids(&all), "limit {limit}");
+        }
+        let of_a = rows(&l, &a.id).await;
+        assert!(of_a.iter().all(|t| t.key_id == a.id) && newest_first(&of_a));
+        assert_eq!(of_a.len(), 1 + 6 + 2 + 6 + 1);
+        for limit in [1, 4] {
+            assert_eq!(ids(&paged(&l, Some(&a.id), limit).await), ids(&of_a), "key a, limit {limit}");
+        }
+
+        // Writes and closing holds between pages: the pages still add up to the rows
+        // that were there when paging began, each once, in place.
+        let first = l.transaction_page(TxQuery { key: None, before: None, limit: 3 }).await.unwrap();
+        let read_first = first.transactions.len();
+        let credit = other.credit(&a.id, Micros(9), None).await.unwrap();
+        let h = hold(&l, &b.key, Micros(9), "gw-between").await;
+        for h in open.drain(..) {
+            assert!(l.capture(h).await.unwrap());
+        }
+        let mut seen = first.transactions;
+        let (mut before, limit) = (first.next, 4);
+        while let Some(cursor) = before {
+            let page = l.transaction_page(TxQuery { key: None, before: Some(cursor), limit }).await.unwrap();
+            seen.extend(page.transactions);
+            before = page.next;
+        }
+        assert_eq!(ids(&seen), ids(&all));
+        let later = &seen[read_first..];
+        assert!(later.iter().all(|t| t.status.as_deref() != Some("pending")), "captured holds show as captured");
+        // The rows written meanwhile are the newest two (in the same second, so in id
+        // order, which on SQLite depends on whose block of ids is higher).
+        let now = l.transactions(None, 2).await.unwrap();
+        assert!(now.iter().any(|t| t.id == h.0 && t.status.as_deref() == Some("pending")), "{now:?}");
+        assert!(now.iter().any(|t| t.kind == TxKind::Credit && t.amount == Micros(9)), "{now:?}");
+        assert!(credit.applied);
+        assert_invariant(&l, &a.id).await;
+        assert_invariant(&l, &b.id).await;
     }
 
     pub async fn case_settlements(l: Arc<dyn Ledger>) {
@@ -443,14 +643,24 @@ pub mod suite {
 }
 
 /// Expands to one `#[tokio::test]` per case of [`suite`], in a module named `$backend`.
-/// `$factory` is an expression evaluating to a future of `(Arc<dyn Ledger>, guard)`.
+/// `$factory` is an expression evaluating to a future of `(Arc<dyn Ledger>, Arc<dyn
+/// Ledger>, guard)`: the ledger, another handle on the same store, the guard.
 macro_rules! conformance_suite {
     (@cases $factory:expr; $($case:ident),+ $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                let (ledger, _guard) = $factory.await;
+                let (ledger, _other, _guard) = $factory.await;
                 crate::ledger_conformance::suite::$case(ledger).await;
+            }
+        )+
+    };
+    (@pair_cases $factory:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (ledger, other, _guard) = $factory.await;
+                crate::ledger_conformance::suite::$case(ledger, other).await;
             }
         )+
     };
@@ -474,6 +684,10 @@ macro_rules! conformance_suite {
                 case_settlements,
                 case_ping,
             );
+            conformance_suite!(@pair_cases $factory;
+                case_other_process_revocations_and_top_ups,
+                case_other_process_transactions_page,
+            );
         }
     };
 }
@@ -485,14 +699,16 @@ fn open(path: &Path) -> SqliteLedger {
 conformance_suite!(sqlite, async {
     let dir = tempfile::tempdir().unwrap();
     let ledger: Arc<dyn Ledger> = Arc::new(open(&dir.path().join("ledger.db")));
-    (ledger, dir)
+    let other: Arc<dyn Ledger> = Arc::new(open(&dir.path().join("ledger.db")));
+    (ledger, other, dir)
 });
 
 conformance_suite!(sqlite_full_sync, async {
     let dir = tempfile::tempdir().unwrap();
     let opts = SqliteOptions { synchronous_full: true, ..Default::default() };
     let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db"), opts).unwrap());
-    (ledger, dir)
+    let other: Arc<dyn Ledger> = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db"), opts).unwrap());
+    (ledger, other, dir)
 });
 
 // === SQLite only ===
@@ -565,7 +781,10 @@ async fn sqlite_reopen_keeps_everything() {
     assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 1);
     assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(50_000));
     let rows = l.transactions(Some(&k.id), 100).await.unwrap();
-    assert_eq!((rows[0].kind, rows[1].status.as_deref()), (TxKind::Refund, Some("released")));
+    assert_eq!((rows[0].kind, rows[0].request_id.as_deref()), (TxKind::Refund, Some("old")));
+    // Listed by time: the old row was stamped 0, so it is the oldest.
+    let old = rows.last().unwrap();
+    assert_eq!((old.kind, old.status.as_deref(), old.created_at), (TxKind::Debit, Some("released"), 0));
 }
 
 /// More holds than one block of reserved ids, with no other write to wake the writer:
@@ -645,8 +864,8 @@ async fn sqlite_out_of_ids_under_a_foreign_lock_fails_closed_and_recovers() {
 }
 
 /// `tollgate keys credit` / `revoke` run as another process while the gateway serves:
-/// the gateway's cached balances must follow, and rows the other process writes must
-/// never take an id the gateway handed to an open hold.
+/// the gateway's cached balances follow at once (the very next hold sees them), and
+/// rows the other process writes never take an id the gateway handed to an open hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_follows_changes_made_by_another_process() {
     let dir = tempfile::tempdir().unwrap();
@@ -660,19 +879,10 @@ async fn sqlite_follows_changes_made_by_another_process() {
     // The "CLI": its own connections, its own process as far as SQLite can tell.
     let cli = open(&path);
     cli.credit(&k.id, Micros(10_000), Some("topup")).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let second = loop {
-        match gateway.authorize(req("b")).await.unwrap() {
-            HoldOutcome::Held { hold, balance, .. } => {
-                assert_eq!(balance, Micros(9_000));
-                break hold;
-            }
-            HoldOutcome::Insufficient { .. } if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => panic!("the credit never showed: {other:?}"),
-        }
+    let HoldOutcome::Held { hold: second, balance, .. } = gateway.authorize(req("b")).await.unwrap() else {
+        panic!("the credit was not seen by the next hold")
     };
+    assert_eq!(balance, Micros(9_000));
     // Both open holds capture under the ids they were given, after the CLI's row.
     assert!(gateway.capture(first).await.unwrap());
     assert!(gateway.capture(second).await.unwrap());
@@ -682,20 +892,52 @@ async fn sqlite_follows_changes_made_by_another_process() {
     assert_eq!(cli.key(&k.id).await.unwrap().unwrap().balance, Micros(9_000));
 
     assert!(cli.revoke(&k.id).await.unwrap());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match gateway.authorize(req("c")).await.unwrap() {
-            HoldOutcome::Revoked { .. } => break,
-            HoldOutcome::Held { hold, .. } if tokio::time::Instant::now() < deadline => {
-                gateway.release(hold).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => panic!("the revocation never showed: {other:?}"),
-        }
-    }
+    assert_eq!(gateway.authorize(req("c")).await.unwrap(), HoldOutcome::Revoked { key_id: k.id.clone() });
+
+    // The same through a plain SQLite connection (a `sqlite3` shell, an older tollgate):
+    // the gateway watches the file, not the tollgate code that wrote it.
+    let k2 = gateway.create_key(None, Micros(1_000)).await.unwrap();
+    let req2 = |request_id| suite::req(&k2.key, Micros(1_000), request_id);
+    let HoldOutcome::Held { hold, .. } = gateway.authorize(req2("d")).await.unwrap() else { panic!() };
+    gateway.release(hold).await.unwrap();
+    let shell = rusqlite::Connection::open(&path).unwrap();
+    shell.execute("UPDATE keys SET revoked = 1 WHERE id = ?1", [&k2.id]).unwrap();
+    assert_eq!(gateway.authorize(req2("e")).await.unwrap(), HoldOutcome::Revoked { key_id: k2.id.clone() });
     let rows = gateway.transactions(Some(&k.id), 100).await.unwrap();
     let sum = |kind| rows.iter().filter(|t| t.kind == kind).map(|t| t.amount.get()).sum::<u64>();
     assert_eq!(sum(TxKind::Credit) - sum(TxKind::Debit) + sum(TxKind::Refund), 9_000);
+}
+
+/// The gateway numbers its rows from a block of ids it reserved before the CLI wrote
+/// anything, so a gateway row written after a CLI row has the lower id: listings go by
+/// time, so it still comes first, and `limit` keeps the newest rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_lists_by_time_not_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let gateway = open(&path);
+    let k = gateway.create_key(None, Micros(10_000)).await.unwrap();
+    // Opened after the gateway reserved its block: the CLI's ids come after it.
+    let cli = open(&path);
+    cli.credit(&k.id, Micros(5), Some("cli-topup")).await.unwrap();
+    let cli_row = cli.transactions(None, 1).await.unwrap().remove(0);
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    while unix_now() <= cli_row.created_at {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let HoldOutcome::Held { hold, .. } = gateway.authorize(suite::req(&k.key, Micros(100), "later")).await.unwrap()
+    else {
+        panic!()
+    };
+    assert!(gateway.capture(hold).await.unwrap());
+    assert!(hold.0 < cli_row.id, "the premise: the later row has the lower id ({} < {})", hold.0, cli_row.id);
+
+    for l in [&gateway, &cli] {
+        let newest = l.transactions(None, 1).await.unwrap();
+        assert_eq!((newest[0].id, newest[0].request_id.as_deref()), (hold.0, Some("later")));
+        let rows = l.transactions(Some(&k.id), 10).await.unwrap();
+        assert_eq!(rows.iter().map(|t| t.id).collect::<Vec<_>>()[..2], [hold.0, cli_row.id]);
+    }
 }
 
 #[test]
@@ -806,5 +1048,6 @@ conformance_suite!(postgres, async {
     let url = cluster.create_db().await;
     let opts = PostgresOptions { pool_size: 8, statement_timeout: Duration::from_secs(10) };
     let ledger: Arc<dyn Ledger> = Arc::new(PostgresLedger::connect(&url, opts).await.unwrap());
-    (ledger, cluster)
+    let other: Arc<dyn Ledger> = Arc::new(PostgresLedger::connect(&url, opts).await.unwrap());
+    (ledger, other, cluster)
 });

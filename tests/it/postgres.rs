@@ -637,6 +637,66 @@ async fn keys_cli_and_doctor_work_against_postgres() {
     assert!(err.contains("cannot connect to PostgreSQL"), "{err}");
 }
 
+/// `tollgate keys` against the shared database while a replica serves: a revocation
+/// and a top-up hold for the very next request, an idempotency key reused for another
+/// top-up is refused by the CLI (exit 1) and the admin API (409) alike, and the admin
+/// API pages through every transaction, newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_cli_changes_hold_for_the_next_request_on_postgres() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let up = ok_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "cli.toml", &config_text(&url, free_port(), free_port(), &up.url(), None));
+    let create = |balance: &str| {
+        let (ok, out, err) = cli(&cfg, &["keys", "create", "--balance", balance, "--json"]);
+        assert!(ok, "{err}");
+        let k = parse_json(&out);
+        (k["id"].as_str().unwrap().to_owned(), k["key"].as_str().unwrap().to_owned())
+    };
+    let (a, a_key) = create("10");
+    let (b, b_key) = create("0.002");
+    let r = replica(dir.path(), "a", &url, &up.url(), None).await;
+    let paid = async |key: &str| get(&format!("{}/v1/x", r.base), &[("authorization", &bearer(key))]).await;
+    let reason = |reply: &Reply| (reply.status.as_u16(), reply.json()["reason"].as_str().map(str::to_owned));
+
+    assert_eq!(paid(&a_key).await.status, 200);
+    assert!(cli(&cfg, &["keys", "revoke", &a]).0);
+    assert_eq!(reason(&paid(&a_key).await), (402, Some("payment_invalid".into())));
+    assert_eq!(paid(&b_key).await.status, 200);
+    assert_eq!(reason(&paid(&b_key).await), (402, Some("insufficient_funds".into())));
+    assert!(cli(&cfg, &["keys", "credit", &b, "1.00", "--idempotency-key", "inv-1"]).0);
+    assert_eq!(paid(&b_key).await.status, 200, "the top-up holds for the next request");
+
+    let (ok, _, err) = cli(&cfg, &["keys", "credit", &b, "2.00", "--idempotency-key", "inv-1"]);
+    assert!(!ok && err.contains("\"inv-1\"") && err.contains("new idempotency key"), "{err}");
+    let credit = |key_id: &str, body: &'static str| {
+        let url = format!("{}/admin/keys/{key_id}/credit", r.admin);
+        async move { send("POST", &url, &[("authorization", &bearer(ADMIN_TOKEN))], body).await }
+    };
+    let conflict = credit(&a, r#"{"amount":"1.00","idempotency_key":"inv-1"}"#).await;
+    assert_eq!(conflict.status, 409, "{}", conflict.text());
+    assert!(conflict.json()["error"].as_str().unwrap().contains(&b), "{}", conflict.text());
+    let repeat = credit(&b, r#"{"amount":"1.00","idempotency_key":"inv-1"}"#).await;
+    assert_eq!((repeat.status.as_u16(), &repeat.json()["applied"]), (200, &json!(false)));
+
+    let whole = admin_get(&r.admin, "/admin/transactions?limit=10000").await;
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        v["transactions"].as_array().unwrap().iter().map(|t| t["id"].as_i64().unwrap()).collect()
+    };
+    assert_eq!(ids(&whole).len(), 6, "two openings, one top-up, three paid requests: {whole}");
+    let (mut paged, mut path) = (Vec::new(), "/admin/transactions?limit=2".to_owned());
+    loop {
+        let page = admin_get(&r.admin, &path).await;
+        paged.extend(ids(&page));
+        match page["next"].as_str() {
+            Some(next) => path = format!("/admin/transactions?limit=2&before={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, ids(&whole));
+}
+
 // === migrations ===
 
 async fn versions(url: &str) -> Vec<i32> {

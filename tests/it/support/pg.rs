@@ -215,8 +215,11 @@ impl Cluster {
     /// connections.
     pub fn start(&self) {
         let dir = self.dir().display().to_string();
+        // `fsync=off` loses nothing when only the server stops (the OS keeps what was
+        // written); `synchronous_commit` stays on, else an immediate stop (`stop`) loses
+        // commits already acknowledged, which the outage tests count on keeping.
         let opts = format!(
-            "-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+            "-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c full_page_writes=off -c max_connections=200",
             self.port
         );
