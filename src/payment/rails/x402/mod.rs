@@ -290,6 +290,16 @@ fn decode(headers: &HeaderMap) -> Result<(Decoded, Value), Denial> {
     Ok((decoded, raw))
 }
 
+/// The `from` address a payment header claims, lower case, unverified.
+fn signed_from(headers: &HeaderMap) -> Option<String> {
+    let (decoded, _) = decode(headers).ok()?;
+    let from = match &decoded {
+        Decoded::V1(p) => &p.payload.authorization.from,
+        Decoded::V2(p) => &p.payload.authorization.from,
+    };
+    Some(from.to_ascii_lowercase())
+}
+
 fn local_denial(e: &LocalError) -> Denial {
     let reason = match e {
         LocalError::Expired { .. } | LocalError::NotYetValid { .. } => Reason::PaymentExpired,
@@ -483,12 +493,7 @@ impl Rail for X402 {
     /// The signed `from` address: the bucket a per-key limit counts, checked before
     /// the facilitator is asked (and before `settle = "before_upstream"` settles).
     fn payer_hint(&self, headers: &HeaderMap) -> Option<String> {
-        let (decoded, _) = decode(headers).ok()?;
-        let from = match &decoded {
-            Decoded::V1(p) => &p.payload.authorization.from,
-            Decoded::V2(p) => &p.payload.authorization.from,
-        };
-        Some(from.to_ascii_lowercase())
+        signed_from(headers)
     }
 
     async fn authorize(&self, charge: &Charge<'_>, headers: &HeaderMap) -> Result<Box<dyn Grant>, Denial> {
@@ -841,5 +846,46 @@ mod tests {
         assert!(v1_json.get("outputSchema").is_none(), "{v1_json}");
         let bare = header_json(settlement_header(2, &settled(false, None, None)));
         assert!(bare.get("errorReason").is_none() && bare.get("payer").is_none(), "{bare}");
+    }
+
+    // === properties (the payment header parser's fuzz targets, run by `cargo test`) ===
+
+    use proptest::prelude::*;
+
+    /// Header values that are base64 of JSON close to a payment, and raw bytes.
+    fn payment_header() -> impl Strategy<Value = Vec<u8>> {
+        let json_like = prop_oneof![
+            Just(r#"{"x402Version":1,"scheme":"exact","network":"base-sepolia","payload":{}}"#.to_owned()),
+            Just(r#"{"x402Version":2,"accepted":{},"payload":{"signature":"0x","authorization":{}}}"#.to_owned()),
+            "\\{\"x402Version\":[0-9]{1,3}(,\"[a-z]{1,8}\":(null|[0-9]{1,20}|\"[ -~]{0,20}\"|\\{\\}|\\[\\]))*\\}",
+            any::<String>(),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..400),
+            json_like.prop_map(|j| STANDARD.encode(j).into_bytes()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        /// Any header bytes in either payment header: a decoded payment or a refusal
+        /// with a reason, never a panic; the payer hint never panics either.
+        #[test]
+        fn any_payment_header_gets_a_decision(v in payment_header(), v2 in any::<bool>()) {
+            let mut headers = HeaderMap::new();
+            let name = if v2 { PAYMENT_SIGNATURE } else { X_PAYMENT };
+            if let Ok(value) = HeaderValue::from_bytes(&v) {
+                headers.insert(name, value);
+                match decode(&headers) {
+                    Ok(_) => {}
+                    Err(d) => prop_assert!(matches!(
+                        d.reason,
+                        Reason::PaymentMalformed | Reason::PaymentMissing | Reason::PaymentMethodUnsupported
+                    ), "{:?}", d.reason),
+                }
+                let _ = signed_from(&headers);
+            }
+        }
     }
 }
