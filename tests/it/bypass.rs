@@ -550,3 +550,127 @@ async fn a_client_that_hangs_up_after_sending_pays_by_the_upstreams_answer() {
     assert_eq!(balance, 1_000_000, "{kinds:?}");
     assert!(kinds.contains(&TxKind::Refund), "{kinds:?}");
 }
+
+// === real origin frameworks ===
+//
+// The same attacks in front of real Flask (Werkzeug, WSGI) and Starlette (uvicorn,
+// ASGI) origins, whose handlers say which one ran: the paid handler must run only for
+// a request tollgate charged. The frameworks are pinned in tests/interop/requirements.txt
+// and installed by scripts/test.sh (which makes a missing install a failure).
+
+/// Starts `script` (an origin in tests/interop/) on a free port; `None` if the Python
+/// environment is not installed (skipped loudly unless TOLLGATE_INTEROP_REQUIRED=1).
+async fn python_origin(script: &str) -> Option<(Proc, String)> {
+    let dir = std::env::var_os("TOLLGATE_INTEROP_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop"));
+    let venv = dir.join("venv");
+    if !venv.join(".installed").exists() {
+        let msg = format!("{script}: {} is not installed; run scripts/test.sh", venv.display());
+        assert!(std::env::var_os("TOLLGATE_INTEROP_REQUIRED").is_none(), "{msg}");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
+        return None;
+    }
+    let port = free_port();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
+    let child = std::process::Command::new(venv.join("bin/python"))
+        .arg(source)
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Some((proc, format!("http://127.0.0.1:{port}")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{script} did not listen on port {port} within 10 s");
+}
+
+/// One request on a new connection, read to the end: (status, the whole answer).
+async fn raw_request(addr: SocketAddr, request_line: &str, headers: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("{request_line}\r\n{headers}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out)).await.expect("answer within 10s").unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+async fn attack_real_origin(script: &str) {
+    let Some((_origin, url)) = python_origin(script).await else { return };
+    let cfg = format!(
+        "[[upstream]]\nname = \"api\"\nurl = \"{url}\"\ntimeout = \"5s\"\n\n\
+[[route]]\nname = \"paid\"\nupstream = \"api\"\npath = \"/paid/*\"\nprice = \"0.01\"\naccept = [\"credits\"]\n\n\
+[[route]]\nname = \"paid-post\"\nupstream = \"api\"\npath = \"/paid-post\"\nmethods = [\"POST\"]\nprice = \"0.01\"\naccept = [\"credits\"]\n\n\
+[[route]]\nname = \"rest\"\nupstream = \"api\"\npath = \"/*\"\nfree = true\n"
+    );
+    let gw = gateway(&cfg).await;
+    let a = addr(&gw);
+    let (_, key) = gw.key("1.00").await;
+
+    // The origin's handlers work: paid runs when paid, free when free.
+    let (status, body) = raw_request(a, "GET /paid/x HTTP/1.1", &format!("Host: a\r\nX-API-Key: {key}\r\n")).await;
+    assert_eq!(status, 200, "{script}: {body}");
+    assert!(body.contains("\"handler\":\"paid\""), "{script}: {body}");
+    let (status, body) = raw_request(a, "GET /free/x HTTP/1.1", "Host: a\r\n").await;
+    assert_eq!(status, 200, "{script}: {body}");
+    assert!(body.contains("\"handler\":\"free\""), "{script}: {body}");
+
+    let attacks = [
+        ("GET", "/paid/x"),
+        ("GET", "/free/../paid/x"),
+        ("GET", "/free/%2e%2e/paid/x"),
+        ("GET", "/free/..%2Fpaid/x"),
+        ("GET", "/paid%2Fx"),
+        ("GET", "/paid%2fx"),
+        ("GET", "/%70aid/x"),
+        ("GET", "/PAID/x"),
+        ("GET", "//paid/x"),
+        ("GET", "/paid/./x"),
+        ("GET", "/paid;x=1/y"),
+        ("GET", "/free/..;/paid/x"),
+        ("GET", "/free/%252e%252e/paid/x"),
+        ("GET", "/free%5C..%5Cpaid/x"),
+        ("HEAD", "/paid/x"),
+        ("head", "/paid/x"),
+        ("POST", "/paid-post"),
+        ("post", "/paid-post"),
+        ("Post", "/paid-post"),
+        ("pOST", "/paid-post"),
+        ("GET", "http://a/paid/x"),
+    ];
+    let overrides = "X-HTTP-Method-Override: POST\r\nX-HTTP-Method: POST\r\nX-Method-Override: POST\r\n\
+X-Original-URL: /paid/x\r\nX-Rewrite-URL: /paid/x\r\n";
+    for (method, target) in attacks {
+        for extra in ["", overrides] {
+            let line = format!("{method} {target} HTTP/1.1");
+            let (status, body) = raw_request(a, &line, &format!("Host: a\r\nContent-Length: 0\r\n{extra}")).await;
+            assert!(
+                !body.contains("\"handler\":\"paid\"") && !body.to_ascii_lowercase().contains("x-handler: paid"),
+                "{script}: {line} ran the paid handler unpaid ({status}): {body}"
+            );
+        }
+    }
+    // Overrides on a free request: the free handler runs, with the method sent.
+    let (status, body) = raw_request(a, "GET /paid-post-not HTTP/1.1", &format!("Host: a\r\n{overrides}")).await;
+    assert_eq!(status, 200, "{script}: {body}");
+    assert!(body.contains("\"method\":\"GET\""), "{script}: {body}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_real_flask_origin_never_runs_its_paid_handler_unpaid() {
+    attack_real_origin("origin_flask.py").await;
+}
+
+#[tokio::test]
+async fn a_real_starlette_origin_never_runs_its_paid_handler_unpaid() {
+    attack_real_origin("origin_starlette.py").await;
+}
