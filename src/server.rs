@@ -33,7 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{duration, Config};
+use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::proxy::ConnInfo;
 use crate::Body;
@@ -50,10 +50,10 @@ pub struct Limits {
 impl Limits {
     pub fn from_config(cfg: &Config) -> Limits {
         Limits {
-            header_read_timeout: duration(&cfg.server.header_read_timeout),
+            header_read_timeout: cfg.server.header_read_timeout,
             max_header_bytes: cfg.server.max_header_bytes,
             max_connections: cfg.server.max_connections,
-            shutdown_timeout: duration(&cfg.server.shutdown_timeout),
+            shutdown_timeout: cfg.server.shutdown_timeout,
         }
     }
 }

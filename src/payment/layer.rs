@@ -21,8 +21,9 @@ use tower::{Layer, Service, ServiceExt};
 use super::challenge::{self, Refusal};
 use super::ratelimit::Limiter;
 use super::{Charge, Denial, Grant, Paid, Rails, Reason};
-use crate::config::{parse_rate, ChargeOn, Config};
+use crate::config::{ChargeOn, Config, Pricing, Rate};
 use crate::metrics::{Metrics, RailLabel, RouteRail, RouteRailResult, RouteReason};
+use crate::money::Micros;
 use crate::route::{Route, RouteTable};
 use crate::Body;
 
@@ -82,11 +83,8 @@ impl PaymentGate {
         let mut gates = HashMap::new();
         for route in routes.iter().filter(|r| !r.is_free()) {
             let name = route.name.to_string();
-            let rl = route.config.rate_limit.as_ref();
-            let limiter = |v: Option<&String>| {
-                let (n, p) = parse_rate(v?).ok()?;
-                Some(Limiter::new(n, p, rl.and_then(|r| r.burst)))
-            };
+            let rl = route.rate_limit.as_ref();
+            let limiter = |rate: Option<Rate>| Some(Limiter::new(rate?.count, rate?.per, rl.and_then(|r| r.burst)));
             let required = Reason::ALL
                 .iter()
                 .map(|r| {
@@ -124,8 +122,8 @@ impl PaymentGate {
             gates.insert(
                 route.index,
                 RouteGate {
-                    per_key: limiter(rl.and_then(|r| r.per_key.as_ref())),
-                    per_ip: limiter(rl.and_then(|r| r.per_ip.as_ref())),
+                    per_key: limiter(rl.and_then(|r| r.per_key)),
+                    per_ip: limiter(rl.and_then(|r| r.per_ip)),
                     required,
                     rails: rail_handles,
                 },
@@ -181,10 +179,11 @@ impl PaymentGate {
         challenge::render(&refusal, &denial, parts, html)
     }
 
-    /// The whole gate for one priced request.
+    /// The whole gate for one request on a route priced at `price`.
     async fn run<S, B>(
         self: Arc<Self>,
         ctx: Arc<RequestCtx>,
+        price: Micros,
         mut req: Request<B>,
         inner: S,
     ) -> Result<Response<Body>, S::Error>
@@ -195,7 +194,6 @@ impl PaymentGate {
         B: Send + 'static,
     {
         let route = &ctx.route;
-        let price = route.price.unwrap_or_default();
         let path = req.uri().path().to_owned();
         let html = challenge::prefers_html(req.headers());
         let charge = Charge {
@@ -216,7 +214,7 @@ impl PaymentGate {
         let chosen = route.accept.iter().filter_map(|n| self.rails.get(n)).find(|r| r.present(req.headers()));
         let Some(rail) = chosen else {
             let other =
-                self.rails.iter().find(|r| !route.accept.iter().any(|a| a == r.name()) && r.present(req.headers()));
+                self.rails.iter().find(|r| !route.accept.iter().any(|a| *a == r.name()) && r.present(req.headers()));
             let d = match other {
                 Some(r) => Denial::new(
                     Reason::PaymentMethodUnsupported,
@@ -299,13 +297,12 @@ impl PaymentGate {
         // From here on the request is the upstream's: it runs to its answer in a task
         // of its own, so a client that hangs up before the head does not decide the
         // charge; the upstream's answer does, by the same rule as always.
-        let gate_index = route.index;
         let this = self.clone();
         let request_id = ctx.request_id.clone();
         let task = tokio::spawn(async move {
             let guard = GrantGuard(Some(grant));
             let res = inner.oneshot(req).await?;
-            Ok(this.settle(&ctx, gate_index, guard, res, path, html).await)
+            Ok(this.settle(&ctx, price, guard, res, path, html).await)
         });
         match task.await {
             Ok(res) => res,
@@ -323,14 +320,14 @@ impl PaymentGate {
     async fn settle(
         &self,
         ctx: &RequestCtx,
-        gate_index: usize,
+        price: Micros,
         mut guard: GrantGuard,
         mut res: Response<Body>,
         path: String,
         html: bool,
     ) -> Response<Body> {
         let route = &ctx.route;
-        let gate = self.routes.get(&gate_index);
+        let gate = self.routes.get(&route.index);
         let grant = guard.take();
         let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == grant.rail()));
         let chargeable = match res.extensions().get::<Synthetic>() {
@@ -380,7 +377,7 @@ impl PaymentGate {
                 // was not charged for.
                 let charge = Charge {
                     route,
-                    price: route.price.unwrap_or_default(),
+                    price,
                     request_id: &ctx.request_id,
                     client_ip: ctx.client_ip,
                     public_base: &self.public_base,
@@ -466,14 +463,16 @@ where
                 *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
                 return Ok(res);
             };
-            if ctx.route.is_free() {
-                let mut req = req;
-                for rail in gate.rails.iter() {
-                    rail.scrub(req.headers_mut());
+            match ctx.route.pricing {
+                Pricing::Free => {
+                    let mut req = req;
+                    for rail in gate.rails.iter() {
+                        rail.scrub(req.headers_mut());
+                    }
+                    inner.oneshot(req).await
                 }
-                return inner.oneshot(req).await;
+                Pricing::Fixed(price) => gate.run(ctx, price, req, inner).await,
             }
-            gate.run(ctx, req, inner).await
         })
     }
 }
@@ -524,7 +523,6 @@ free = true
         let ledger: Arc<dyn Ledger> =
             Arc::new(SqliteLedger::open(&dir.path().join("l.db"), SqliteOptions::default()).unwrap());
         let cfg = Config::parse(CONFIG, |_| None).unwrap();
-        cfg.validate().unwrap();
         let metrics = Arc::new(Metrics::new());
         let rails = Rails::new(vec![Arc::new(Credits::new(&cfg.credits, ledger.clone(), metrics.clone()))]);
         let routes = RouteTable::new(&cfg);
