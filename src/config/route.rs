@@ -65,6 +65,10 @@ impl fmt::Display for PathPattern {
 
 /// What a request on a route costs. Every priced variant is charged through the
 /// route's `accept` rails.
+///
+/// Code that charges matches on the variant rather than asking for an amount, so a
+/// pricing that is only known once the response is done (metered) is a new variant
+/// the compiler walks every such place through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pricing {
     /// `free = true`: no payment is asked for or read.

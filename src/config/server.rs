@@ -68,19 +68,23 @@ impl ServerConfig {
             None => Some(None),
             Some(n) => p.check("server.worker_threads", at_least(n, 1)).map(Some),
         };
-        let mut tls_ok = true;
-        if let Some(tls) = &raw.tls {
-            for (k, path) in [("cert", &tls.cert), ("key", &tls.key)] {
-                if !path.exists() {
-                    tls_ok = false;
-                    p.push(format_args!("server.tls.{k}"), format_args!("file {} does not exist", path.display()));
+        let tls = match raw.tls {
+            None => Some(None),
+            Some(t) => {
+                let mut ok = true;
+                for (k, path) in [("cert", &t.cert), ("key", &t.key)] {
+                    if !path.exists() {
+                        ok = false;
+                        p.push(format_args!("server.tls.{k}"), format_args!("file {} does not exist", path.display()));
+                    }
                 }
+                ok.then_some(Some(TlsConfig { cert: t.cert, key: t.key }))
             }
-        }
+        };
         Some(ServerConfig {
             listen: listen?,
             public_url: public_url?,
-            tls: if tls_ok { raw.tls.map(|t| TlsConfig { cert: t.cert, key: t.key }) } else { return None },
+            tls: tls?,
             trusted_proxies: trusted.into_iter().collect::<Option<_>>()?,
             header_read_timeout: header_read_timeout?,
             max_header_bytes: max_header_bytes?,
@@ -151,23 +155,22 @@ pub struct LedgerConfig {
 impl LedgerConfig {
     pub(super) fn parse(raw: RawLedger, p: &mut Problems) -> Option<LedgerConfig> {
         let statement_timeout = p.check("ledger.statement_timeout", parse_duration(&raw.statement_timeout));
-        let mut url_ok = true;
-        if raw.backend == LedgerBackend::Postgres {
-            match &raw.url {
-                None => p.push("ledger.url", "required when backend = \"postgres\""),
-                Some(u) if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) => {
-                    p.push("ledger.url", "must start with postgres://")
-                }
-                Some(_) => {}
+        let url = match (raw.backend, raw.url) {
+            (LedgerBackend::Postgres, None) => {
+                p.push("ledger.url", "required when backend = \"postgres\"");
+                None
             }
-            url_ok = matches!(&raw.url, Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://"));
-        }
+            (LedgerBackend::Postgres, Some(u)) if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) => {
+                p.push("ledger.url", "must start with postgres://");
+                None
+            }
+            (_, url) => Some(url),
+        };
         let pool_size = p.check("ledger.pool_size", at_least(raw.pool_size, 1));
-        url_ok.then_some(())?;
         Some(LedgerConfig {
             backend: raw.backend,
             path: raw.path,
-            url: raw.url,
+            url: url?,
             pool_size: pool_size?,
             statement_timeout: statement_timeout?,
             synchronous: raw.synchronous,

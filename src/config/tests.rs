@@ -442,3 +442,10 @@ fn every_error_of_every_section_in_one_run() {
         "{e:#?}"
     );
 }
+
+#[test]
+fn path_patterns_display_as_written() {
+    for p in ["/*", "/docs/*", "/health", "/v1/chat/*"] {
+        assert_eq!(PathPattern::parse(p).unwrap().to_string(), p);
+    }
+}
