@@ -21,7 +21,6 @@ use http::Method;
 
 pub use crate::config::PathPattern;
 use crate::config::{ChargeOn, Config, Pricing, RateLimit};
-use crate::money::Micros;
 
 /// A route as the request path sees it, built from its typed `[[route]]`.
 #[derive(Debug)]
@@ -52,11 +51,6 @@ pub struct Route {
 impl Route {
     pub fn is_free(&self) -> bool {
         self.pricing.is_free()
-    }
-
-    /// The fixed price; `None` for free routes.
-    pub fn price(&self) -> Option<Micros> {
-        self.pricing.price()
     }
 
     /// Whether the route lets a request upgrade to `protocol` (an `Upgrade` token,

@@ -84,7 +84,10 @@ impl PaymentGate {
         for route in routes.iter().filter(|r| !r.is_free()) {
             let name = route.name.to_string();
             let rl = route.rate_limit.as_ref();
-            let limiter = |rate: Option<Rate>| Some(Limiter::new(rate?.count, rate?.per, rl.and_then(|r| r.burst)));
+            let limiter = |rate: Option<Rate>| {
+                let rate = rate?;
+                Some(Limiter::new(rate.count, rate.per, rl.and_then(|r| r.burst)))
+            };
             let required = Reason::ALL
                 .iter()
                 .map(|r| {
