@@ -3,9 +3,9 @@
 //! Loading happens in three passes so that one run reports every problem, the way
 //! linkerd's `env.rs` and pingora's `validate()` do:
 //!
-//! 1. TOML syntax, then `${ENV}` expansion in every string value ([`expand`]; all
+//! 1. TOML syntax, then `${ENV}` expansion in every string value (`expand.rs`; all
 //!    missing variables are reported, each with its key path);
-//! 2. structure: serde with `deny_unknown_fields` into the [`raw`] structs, errors
+//! 2. structure: serde with `deny_unknown_fields` into the `raw.rs` structs, errors
 //!    carry their key path;
 //! 3. meaning: each section's `parse` turns its raw strings into typed values
 //!    (durations, money, addresses, header names, path patterns, a [`Pricing`]) and
@@ -16,8 +16,8 @@
 //! A [`Config`] exists only when all three passes succeeded: nothing downstream parses
 //! a config string again or falls back on a default for a bad one.
 
-pub mod expand;
-pub mod raw;
+mod expand;
+pub(crate) mod raw;
 pub mod route;
 pub mod server;
 pub mod upstream;
