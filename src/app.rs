@@ -32,7 +32,7 @@ pub async fn open_ledger(cfg: &Config) -> Result<Arc<dyn Ledger>, String> {
             let path = cfg.ledger.path.clone();
             let opts = SqliteOptions {
                 synchronous_full: cfg.ledger.synchronous == crate::config::Synchronous::Full,
-                busy_timeout: crate::config::duration(&cfg.ledger.statement_timeout),
+                busy_timeout: cfg.ledger.statement_timeout,
             };
             let l = tokio::task::spawn_blocking(move || SqliteLedger::open(&path, opts))
                 .await
@@ -42,10 +42,8 @@ pub async fn open_ledger(cfg: &Config) -> Result<Arc<dyn Ledger>, String> {
         }
         LedgerBackend::Postgres => {
             let url = cfg.ledger.url.as_deref().ok_or("ledger.url is required when ledger.backend = \"postgres\"")?;
-            let opts = PostgresOptions {
-                pool_size: cfg.ledger.pool_size,
-                statement_timeout: crate::config::duration(&cfg.ledger.statement_timeout),
-            };
+            let opts =
+                PostgresOptions { pool_size: cfg.ledger.pool_size, statement_timeout: cfg.ledger.statement_timeout };
             let l = PostgresLedger::connect(url, opts).await.map_err(|e| format!("ledger (postgres): {e}"))?;
             Ok(Arc::new(l))
         }
@@ -111,16 +109,16 @@ pub async fn start(
         Some(t) => Some(server::tls_acceptor(&t.cert, &t.key).map_err(|e| errs(format!("server.tls: {e}")))?),
         None => None,
     };
-    let listener = TcpListener::bind(&cfg.server.listen)
+    let listener = TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|e| errs(format!("server.listen: cannot bind {}: {e}", cfg.server.listen)))?;
-    let admin_listener = TcpListener::bind(&cfg.admin.listen)
+    let admin_listener = TcpListener::bind(cfg.admin.listen)
         .await
         .map_err(|e| errs(format!("admin.listen: cannot bind {}: {e}", cfg.admin.listen)))?;
     let addr = listener.local_addr().map_err(|e| errs(e.to_string()))?;
     let admin_addr = admin_listener.local_addr().map_err(|e| errs(e.to_string()))?;
 
-    if cfg.server.public_url.is_none() && cfg.routes.iter().any(|r| !r.free) {
+    if cfg.server.public_url.is_none() && cfg.routes.iter().any(|r| !r.pricing.is_free()) {
         tracing::warn!(
             base = %cfg.public_base(),
             "server.public_url is not set: 402 problem links and x402 resources will use the listen address; \

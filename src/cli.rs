@@ -144,7 +144,7 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 fn check(path: &Path) -> ExitCode {
     match load(path) {
         Ok(cfg) => {
-            let priced = cfg.routes.iter().filter(|r| !r.free).count();
+            let priced = cfg.routes.iter().filter(|r| !r.pricing.is_free()).count();
             println!(
                 "{}: ok ({} upstream(s), {} route(s), {} priced)",
                 path.display(),

@@ -111,7 +111,6 @@ async fn run_inner(listen: &str, admin_listen: &str) -> Result<(), String> {
     let cfg_path = dir.join("tollgate.toml");
     std::fs::write(&cfg_path, &text).map_err(|e| e.to_string())?;
     let cfg = Config::parse(&text, |_| None).map_err(|e| e.to_string())?;
-    cfg.validate().map_err(|e| e.to_string())?;
     let ledger = crate::app::open_ledger(&cfg).await?;
     let price = Micros::parse(DEMO_PRICE).map_err(|e| e.to_string())?;
     let key = ledger.create_key(Some("demo"), price).await.map_err(|e| e.to_string())?;
@@ -159,13 +158,10 @@ pub async fn doctor(cfg: Config) -> ExitCode {
     let mut failures = 0;
     println!("config: ok");
     for u in &cfg.upstreams {
-        let uri: http::Uri = match u.url.parse() {
-            Ok(u) => u,
-            Err(_) => continue,
-        };
+        let uri = u.url.uri();
         let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_owned();
         let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-        let timeout = crate::config::duration(&u.connect_timeout);
+        let timeout = u.connect_timeout;
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port))).await {
             Ok(Ok(_)) => println!("upstream {}: reachable at {host}:{port}", u.name),
             Ok(Err(e)) => {
@@ -226,12 +222,15 @@ pub async fn doctor(cfg: Config) -> ExitCode {
     }
     let base = cfg.public_base();
     for r in &cfg.routes {
-        let methods = if r.methods.is_empty() { "ANY".to_owned() } else { r.methods.join(",") };
-        if r.free {
+        let methods = if r.methods.is_empty() {
+            "ANY".to_owned()
+        } else {
+            r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+        };
+        let Some(price) = r.pricing.price() else {
             println!("route {}: {methods} {} is free", r.name, r.path);
             continue;
-        }
-        let price = r.price.as_deref().unwrap_or("?");
+        };
         println!(
             "route {}: {methods} {} costs {price} USD; without payment a client gets 402 payment_missing \
 (type {base}/.well-known/tollgate/problems/payment_missing) offering: {}",
@@ -239,15 +238,17 @@ pub async fn doctor(cfg: Config) -> ExitCode {
             r.path,
             r.accept
                 .iter()
-                .map(|a| match a.as_str() {
-                    "credits" => format!("credits ({}: Bearer <key>)", cfg.credits.header),
-                    "x402" => match &cfg.x402 {
+                .map(|a| match *a {
+                    crate::payment::rails::credits::NAME => {
+                        format!("credits ({}: Bearer <key>)", cfg.credits.header_display)
+                    }
+                    crate::payment::rails::x402::NAME => match &cfg.x402 {
                         Some(x) => format!(
                             "x402 (exact, {} atomic units of {} on {} to {})",
-                            crate::money::Micros::parse(price).map(|m| m.get()).unwrap_or(0),
-                            x.asset,
-                            x.network,
-                            x.pay_to
+                            price.get(),
+                            x.primary.asset_text,
+                            x.primary.network,
+                            x.primary.pay_to_text
                         ),
                         None => "x402".to_owned(),
                     },

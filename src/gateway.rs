@@ -63,7 +63,6 @@ impl Snapshot {
         ledger: &Arc<dyn Ledger>,
         rails: &RailFactory,
     ) -> Result<Snapshot, ConfigErrors> {
-        cfg.validate()?;
         let mut upstreams = HashMap::new();
         let mut errors = Vec::new();
         for (i, u) in cfg.upstreams.iter().enumerate() {
@@ -87,9 +86,7 @@ impl Snapshot {
         let routes = RouteTable::new(&cfg);
         let route_metrics = routes.iter().map(|r| metrics.for_route(&r.name)).collect();
         let gate = PaymentGate::new(&cfg, &routes, rails, metrics);
-        let trusted = TrustedProxies::new(
-            cfg.server.trusted_proxies.iter().filter_map(|p| crate::config::parse_net(p)).collect(),
-        );
+        let trusted = TrustedProxies::new(cfg.server.trusted_proxies.clone());
         Ok(Snapshot {
             public_base: cfg.public_base(),
             routes,
@@ -103,7 +100,7 @@ impl Snapshot {
 
     /// The longest upstream timeout: holds older than this plus a margin are stale.
     pub fn max_upstream_timeout(&self) -> std::time::Duration {
-        self.config.upstreams.iter().map(|u| crate::config::duration(&u.timeout)).max().unwrap_or_default()
+        self.config.upstreams.iter().map(|u| u.timeout).max().unwrap_or_default()
     }
 }
 
@@ -176,7 +173,7 @@ impl Gateway {
         result
     }
 
-    /// Swaps in a new config (validated here).
+    /// Swaps in a new config; what needs a restart is refused.
     pub fn swap(&self, cfg: Config) -> Result<(), ConfigErrors> {
         let old = self.snapshot();
         let mut problems = Vec::new();

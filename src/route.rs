@@ -19,45 +19,10 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::{ChargeOn, Config, RouteConfig};
-use crate::money::Micros;
+pub use crate::config::PathPattern;
+use crate::config::{ChargeOn, Config, Pricing, RateLimit};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathPattern {
-    Exact(String),
-    /// `/v1/*`: the prefix `/v1` itself and everything under `/v1/`.
-    Prefix(String),
-}
-
-impl PathPattern {
-    pub fn parse(p: &str) -> Result<PathPattern, String> {
-        if !p.starts_with('/') {
-            return Err(format!("{p:?} must start with '/'"));
-        }
-        if let Some(prefix) = p.strip_suffix("/*") {
-            if prefix.contains('*') {
-                return Err(format!("{p:?}: '*' is allowed only as a final \"/*\""));
-            }
-            return Ok(PathPattern::Prefix(prefix.to_owned()));
-        }
-        if p.contains('*') {
-            return Err(format!("{p:?}: '*' is allowed only as a final \"/*\""));
-        }
-        Ok(PathPattern::Exact(p.to_owned()))
-    }
-
-    pub fn matches(&self, path: &str) -> bool {
-        match self {
-            PathPattern::Exact(e) => e == path,
-            PathPattern::Prefix(p) => {
-                p.is_empty()
-                    || (path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
-            }
-        }
-    }
-}
-
-/// A route as the request path sees it: config resolved, price parsed.
+/// A route as the request path sees it, built from its typed `[[route]]`.
 #[derive(Debug)]
 pub struct Route {
     pub index: usize,
@@ -69,19 +34,23 @@ pub struct Route {
     /// The pattern's path folded (see [`path::fold`]).
     folded: PathPattern,
     pub methods: Vec<Method>,
-    /// `None` for free routes.
-    pub price: Option<Micros>,
-    pub accept: Vec<String>,
+    pub pricing: Pricing,
+    /// Rail names, in the order offered.
+    pub accept: Vec<&'static str>,
     pub charge_on: ChargeOn,
+    pub rate_limit: Option<RateLimit>,
     pub strip_prefix: Option<String>,
+    /// Shown to payers (402 page, x402 `description`).
+    pub description: Option<String>,
+    /// x402 `mimeType` of what the route returns.
+    pub mime_type: Option<String>,
     /// `Upgrade` protocols passed through (lower case; never `h2c`).
     pub upgrades: Vec<String>,
-    pub config: RouteConfig,
 }
 
 impl Route {
     pub fn is_free(&self) -> bool {
-        self.price.is_none()
+        self.pricing.is_free()
     }
 
     /// Whether the route lets a request upgrade to `protocol` (an `Upgrade` token,
@@ -139,14 +108,14 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from a validated config.
+    /// Builds the table from a config.
     pub fn new(cfg: &Config) -> RouteTable {
         let routes = cfg
             .routes
             .iter()
             .enumerate()
             .map(|(index, r)| {
-                let path = PathPattern::parse(&r.path).unwrap_or(PathPattern::Exact(r.path.clone()));
+                let path = r.path.clone();
                 let folded = match &path {
                     PathPattern::Exact(e) => PathPattern::Exact(path::fold_pattern(e)),
                     PathPattern::Prefix(p) => PathPattern::Prefix(path::fold_pattern(p)),
@@ -158,17 +127,15 @@ impl RouteTable {
                     host: r.host.as_deref().map(normalize_host),
                     path,
                     folded,
-                    methods: r
-                        .methods
-                        .iter()
-                        .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
-                        .collect(),
-                    price: r.price.as_deref().and_then(|p| Micros::parse(p).ok()),
+                    methods: r.methods.clone(),
+                    pricing: r.pricing,
                     accept: r.accept.clone(),
                     charge_on: r.charge_on,
+                    rate_limit: r.rate_limit,
                     strip_prefix: r.strip_prefix.clone(),
-                    upgrades: r.upgrades.iter().map(|u| u.to_ascii_lowercase()).collect(),
-                    config: r.clone(),
+                    description: r.description.clone(),
+                    mime_type: r.mime_type.clone(),
+                    upgrades: r.upgrades.clone(),
                 })
             })
             .collect();

@@ -46,7 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{duration, Config};
+use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::proxy::ConnInfo;
 use crate::Body;
@@ -65,12 +65,12 @@ pub struct Limits {
 impl Limits {
     pub fn from_config(cfg: &Config) -> Limits {
         Limits {
-            header_read_timeout: duration(&cfg.server.header_read_timeout),
+            header_read_timeout: cfg.server.header_read_timeout,
             max_header_bytes: cfg.server.max_header_bytes,
             max_connections: cfg.server.max_connections,
-            idle_timeout: duration(&cfg.server.idle_timeout),
+            idle_timeout: cfg.server.idle_timeout,
             http2_max_concurrent_streams: cfg.server.http2_max_concurrent_streams,
-            shutdown_timeout: duration(&cfg.server.shutdown_timeout),
+            shutdown_timeout: cfg.server.shutdown_timeout,
         }
     }
 }

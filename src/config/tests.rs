@@ -1,4 +1,7 @@
+use std::time::Duration;
+
 use super::*;
+use crate::money::Micros;
 
 const MINIMAL: &str = r#"
 [server]
@@ -23,10 +26,7 @@ fn parse(text: &str) -> Result<Config, ConfigErrors> {
 }
 
 fn errors(text: &str) -> Vec<String> {
-    match parse(text) {
-        Err(e) => e.0,
-        Ok(c) => c.validate().err().map(|e| e.0).unwrap_or_default(),
-    }
+    parse(text).err().map(|e| e.0).unwrap_or_default()
 }
 
 #[test]
@@ -34,16 +34,31 @@ fn minimal_config_is_valid() {
     assert_eq!(errors(MINIMAL), Vec::<String>::new());
 }
 
-#[test]
-fn shipped_config_parses_and_validates() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tollgate.toml")).unwrap();
-    let cfg = Config::parse(&text, |k| match k {
+fn shipped(path: &str) -> Config {
+    let text = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    Config::parse(&text, |k| match k {
         "TOLLGATE_ADMIN_TOKEN" => Some("an-admin-token-for-tests".into()),
         _ => Some("x".into()),
     })
-    .unwrap();
-    // TLS files and the like are examples; everything else must validate.
-    cfg.validate().unwrap();
+    .unwrap_or_else(|e| panic!("{path}:\n{e}"))
+}
+
+#[test]
+fn shipped_config_parses_and_validates() {
+    let cfg = shipped("config/tollgate.toml");
+    assert_eq!(cfg.routes[0].pricing, Pricing::Fixed(Micros(2_000)));
+    assert_eq!(cfg.routes[0].accept, ["credits", "x402"]);
+    assert_eq!(cfg.routes[1].pricing, Pricing::Free);
+    assert!(cfg.x402.is_some());
+}
+
+#[test]
+fn shipped_deploy_config_parses_and_validates() {
+    let cfg = shipped("deploy/tollgate.toml");
+    assert_eq!(cfg.ledger.backend, LedgerBackend::Postgres);
+    assert_eq!(cfg.ledger.statement_timeout, Duration::from_secs(2));
+    assert_eq!(cfg.upstreams[0].timeout, Duration::from_secs(30));
+    assert_eq!(cfg.credits.spend_cap, Some(SpendCap { amount: Micros(5_000_000), per: Duration::from_secs(86_400) }));
 }
 
 #[test]
@@ -187,13 +202,16 @@ fn rule_rate_limits() {
         "route[1].rate_limit.burst",
         "at least 1",
     );
-    assert_eq!(parse_rate("100/min").unwrap(), (100, Duration::from_secs(60)));
+    assert_eq!(parse_rate("100/min").unwrap(), Rate { count: 100, per: Duration::from_secs(60) });
 }
 
 #[test]
 fn rule_spend_cap() {
     one_error(&format!("{MINIMAL}\n[credits]\nspend_cap = \"25/week\"\n"), "credits.spend_cap", "spend cap");
-    assert_eq!(parse_spend_cap("25.00/day").unwrap(), (Micros(25_000_000), Duration::from_secs(86_400)));
+    assert_eq!(
+        parse_spend_cap("25.00/day").unwrap(),
+        SpendCap { amount: Micros(25_000_000), per: Duration::from_secs(86_400) }
+    );
 }
 
 #[test]
@@ -258,10 +276,205 @@ fn rule_http2_max_concurrent_streams_at_least_one() {
 #[test]
 fn connection_limits_have_defaults() {
     let cfg = parse(MINIMAL).unwrap();
-    assert_eq!(parse_duration(&cfg.server.idle_timeout), Ok(Duration::from_secs(60)));
+    assert_eq!(cfg.server.idle_timeout, Duration::from_secs(60));
     assert_eq!(cfg.server.http2_max_concurrent_streams, 100);
     let cfg = parse(&server("idle_timeout = \"90s\"\nhttp2_max_concurrent_streams = 250")).unwrap();
-    assert_eq!(cfg.validate(), Ok(()));
-    assert_eq!(parse_duration(&cfg.server.idle_timeout), Ok(Duration::from_secs(90)));
+    assert_eq!(cfg.server.idle_timeout, Duration::from_secs(90));
     assert_eq!(cfg.server.http2_max_concurrent_streams, 250);
+}
+
+// === typed values: what a checked config holds ===
+
+#[test]
+fn defaults_are_typed() {
+    let cfg = parse(MINIMAL).unwrap();
+    assert_eq!(cfg.server.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(cfg.server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(cfg.server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(cfg.admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(cfg.ledger.statement_timeout, Duration::from_secs(2));
+    let u = &cfg.upstreams[0];
+    assert_eq!(u.url.as_str(), "http://127.0.0.1:3000");
+    assert_eq!(
+        (u.connect_timeout, u.timeout, u.pool_idle_timeout),
+        (Duration::from_secs(2), Duration::from_secs(60), Duration::from_secs(90))
+    );
+    assert_eq!(cfg.credits.header, http::header::AUTHORIZATION);
+    assert_eq!(cfg.credits.header_display, "Authorization");
+    let r = &cfg.routes[0];
+    assert_eq!(r.path, PathPattern::Prefix("/docs".into()));
+    assert_eq!(r.path.to_string(), "/docs/*");
+    assert_eq!(r.upgrades, ["websocket"]);
+    assert!(r.accept.is_empty());
+}
+
+#[test]
+fn route_values_are_typed() {
+    let cfg = parse(&route(
+        "path = \"/p\"\nmethods = [\"post\", \"GET\"]\nprice = \"0.002\"\naccept = [\"credits\"]\n\
+rate_limit = { per_key = \"10/s\", per_ip = \"100/min\", burst = 20 }\nupgrades = [\"WebSocket\"]",
+    ))
+    .unwrap();
+    let r = &cfg.routes[1];
+    assert_eq!(r.methods, [http::Method::POST, http::Method::GET]);
+    assert_eq!(r.pricing, Pricing::Fixed(Micros(2_000)));
+    assert_eq!(r.pricing.price(), Some(Micros(2_000)));
+    assert_eq!(
+        r.rate_limit,
+        Some(RateLimit {
+            per_key: Some(Rate { count: 10, per: Duration::from_secs(1) }),
+            per_ip: Some(Rate { count: 100, per: Duration::from_secs(60) }),
+            burst: Some(20),
+        })
+    );
+    assert_eq!(r.upgrades, ["websocket"]);
+}
+
+#[test]
+fn server_values_are_typed() {
+    let cfg = parse(&MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\npublic_url = \"https://api.example.com/\"\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.1\"]",
+    ))
+    .unwrap();
+    assert_eq!(cfg.public_base(), "https://api.example.com");
+    assert_eq!(cfg.server.trusted_proxies, ["10.0.0.0/8".parse().unwrap(), "192.0.2.1/32".parse().unwrap()]);
+    assert_eq!(parse(MINIMAL).unwrap().public_base(), "http://127.0.0.1:8080");
+}
+
+#[test]
+fn upstream_headers_are_typed() {
+    let cfg = parse(&format!(
+        "{MINIMAL}\n[[upstream]]\nname = \"b\"\nurl = \"https://b.example/v1\"\nheaders = {{ Authorization = \"Bearer ${{SET}}\" }}\n"
+    ))
+    .unwrap();
+    let u = &cfg.upstreams[1];
+    assert_eq!(u.url.uri().host(), Some("b.example"));
+    assert_eq!(u.headers, [(http::header::AUTHORIZATION, http::HeaderValue::from_static("Bearer value-from-env"))]);
+}
+
+#[test]
+fn x402_values_are_typed() {
+    let x = "\n[x402]\nfacilitator = \"https://x402.org/facilitator\"\nnetwork = \"eip155:84532\"\nasset = \"0x036CbD53842c5426634e7929541eC2318f3dCF7e\"\npay_to = \"0x209693Bc6afc0C5328bA36FaF03C514EF312287C\"\n\
+[[x402.offer]]\nnetwork = \"eip155:8453\"\nasset = \"0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913\"\n";
+    let cfg = parse(&format!("{MINIMAL}{x}")).unwrap();
+    let x = cfg.x402.unwrap();
+    assert_eq!(x.facilitator.as_str(), "https://x402.org/facilitator");
+    assert_eq!(x.facilitator_timeout, Duration::from_secs(10));
+    assert_eq!(x.primary.chain_id, 84532);
+    assert_eq!(x.offers[0].chain_id, 8453);
+    assert_eq!(x.offers[0].pay_to, x.primary.pay_to, "an offer without pay_to inherits [x402]'s");
+    assert_eq!(x.all_offers().count(), 2);
+}
+
+// === rules that moved with the typed parse ===
+
+#[test]
+fn rule_public_url() {
+    one_error(
+        &MINIMAL
+            .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:8080\"\npublic_url = \"api.example.com\""),
+        "server.public_url",
+        "http(s) URL",
+    );
+}
+
+#[test]
+fn rule_upstream_url_has_no_query() {
+    one_error(&format!("{MINIMAL}\n[[upstream]]\nname = \"b\"\nurl = \"http://x/?a=1\"\n"), "upstream[1].url", "query");
+}
+
+#[test]
+fn rule_upstream_header_values() {
+    one_error(
+        &format!("{MINIMAL}\n[[upstream]]\nname = \"b\"\nurl = \"http://x\"\nheaders = {{ X-A = \"a\\nb\" }}\n"),
+        "upstream[1].headers.X-A",
+        "header value",
+    );
+}
+
+#[test]
+fn rule_upstream_durations() {
+    one_error(
+        &format!("{MINIMAL}\n[[upstream]]\nname = \"b\"\nurl = \"http://x\"\nconnect_timeout = \"2 parsecs\"\n"),
+        "upstream[1].connect_timeout",
+        "duration",
+    );
+}
+
+#[test]
+fn rule_ledger_statement_timeout() {
+    one_error(&format!("{MINIMAL}\n[ledger]\nstatement_timeout = \"later\"\n"), "ledger.statement_timeout", "duration");
+}
+
+#[test]
+fn rule_credits_header_name() {
+    one_error(&format!("{MINIMAL}\n[credits]\nheader = \"X Key\"\n"), "credits.header", "header name");
+}
+
+#[test]
+fn rule_route_upgrades() {
+    one_error(&route("path = \"/p\"\nfree = true\nupgrades = [\"h2c\"]"), "route[1].upgrades[0]", "h2c");
+    one_error(&route("path = \"/p\"\nfree = true\nupgrades = [\"a b\"]"), "route[1].upgrades[0]", "protocol name");
+}
+
+#[test]
+fn rule_accept_messages_name_the_rails_that_exist() {
+    let known: Vec<&str> = crate::payment::rails::KNOWN.iter().map(|r| r.name).collect();
+    let e = errors(&route("path = \"/p\"\nprice = \"1\"\naccept = [\"foo\"]"));
+    assert_eq!(e, [format!("route[1].accept[0]: unknown rail \"foo\" (known: {})", known.join(", "))]);
+    assert_eq!(e[0], "route[1].accept[0]: unknown rail \"foo\" (known: credits, x402)");
+    let e = errors(&route("path = \"/p\"\nprice = \"1\"\naccept = [\"x402\"]"));
+    assert_eq!(e, ["route[1].accept[0]: \"x402\" needs an [x402] section"]);
+    let e = errors(&route("path = \"/p\"\nprice = \"1\""));
+    assert_eq!(e, ["route[1].accept: name at least one rail: \"credits\" or \"x402\""]);
+}
+
+#[test]
+fn rule_x402_facilitator_and_offers() {
+    let x = "\n[x402]\nfacilitator = \"x402.org\"\nnetwork = \"eip155:84532\"\nasset = \"0x036CbD53842c5426634e7929541eC2318f3dCF7e\"\npay_to = \"0x12\"\nmax_timeout_seconds = 0\nfacilitator_timeout = \"soon\"\n\
+[[x402.offer]]\nnetwork = \"eip155:8453\"\nasset = \"0x1\"\n";
+    let e = errors(&format!("{MINIMAL}{x}"));
+    let keys: Vec<&str> = e.iter().map(|l| l.split(':').next().unwrap_or_default()).collect();
+    // The bad pay_to an offer inherits is reported once, where it is written.
+    assert_eq!(
+        keys,
+        [
+            "x402.facilitator",
+            "x402.facilitator_timeout",
+            "x402.pay_to",
+            "x402.offer[0].asset",
+            "x402.max_timeout_seconds"
+        ],
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn rule_x402_facilitator_headers() {
+    let x = "\n[x402]\nfacilitator = \"http://127.0.0.1:1\"\nnetwork = \"eip155:84532\"\nasset = \"0x036CbD53842c5426634e7929541eC2318f3dCF7e\"\npay_to = \"0x209693Bc6afc0C5328bA36FaF03C514EF312287C\"\nfacilitator_headers = { \"Bad Name\" = \"v\" }\n";
+    one_error(&format!("{MINIMAL}{x}"), "x402.facilitator_headers.Bad Name", "header name");
+}
+
+#[test]
+fn every_error_of_every_section_in_one_run() {
+    let text = format!(
+        "{}\n[ledger]\npool_size = 0\n[credits]\nspend_cap = \"1/week\"\n",
+        route("path = \"p\"\nprice = \"x\"\naccept = [\"credits\"]")
+            .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:8080\"\nshutdown_timeout = \"never\"")
+    );
+    let e = errors(&text);
+    let keys: Vec<&str> = e.iter().map(|l| l.split(':').next().unwrap_or_default()).collect();
+    assert_eq!(
+        keys,
+        ["server.shutdown_timeout", "ledger.pool_size", "route[1].path", "route[1].price", "credits.spend_cap"],
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn path_patterns_display_as_written() {
+    for p in ["/*", "/docs/*", "/health", "/v1/chat/*"] {
+        assert_eq!(PathPattern::parse(p).unwrap().to_string(), p);
+    }
 }

@@ -19,8 +19,9 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::ratelimit::Limiter;
 use super::{Charge, Denial, Grant, Paid, Rails, Reason, Refused};
-use crate::config::{parse_rate, ChargeOn, Config};
+use crate::config::{ChargeOn, Config, Pricing, Rate};
 use crate::metrics::{Metrics, RailLabel, RouteRail, RouteRailResult, RouteReason};
+use crate::money::Micros;
 use crate::proxy::ProxyError;
 use crate::rejection::{self, PaymentRefusal, Rejection, Responder};
 use crate::route::{RequestCtx, RouteTable};
@@ -65,10 +66,10 @@ impl PaymentGate {
         let mut gates = HashMap::new();
         for route in routes.iter().filter(|r| !r.is_free()) {
             let name = route.name.to_string();
-            let rl = route.config.rate_limit.as_ref();
-            let limiter = |v: Option<&String>| {
-                let (n, p) = parse_rate(v?).ok()?;
-                Some(Limiter::new(n, p, rl.and_then(|r| r.burst)))
+            let rl = route.rate_limit.as_ref();
+            let limiter = |rate: Option<Rate>| {
+                let rate = rate?;
+                Some(Limiter::new(rate.count, rate.per, rl.and_then(|r| r.burst)))
             };
             let required = Reason::ALL
                 .iter()
@@ -107,8 +108,8 @@ impl PaymentGate {
             gates.insert(
                 route.index,
                 RouteGate {
-                    per_key: limiter(rl.and_then(|r| r.per_key.as_ref())),
-                    per_ip: limiter(rl.and_then(|r| r.per_ip.as_ref())),
+                    per_key: limiter(rl.and_then(|r| r.per_key)),
+                    per_ip: limiter(rl.and_then(|r| r.per_ip)),
                     required,
                     rails: rail_handles,
                 },
@@ -167,10 +168,11 @@ impl PaymentGate {
         res
     }
 
-    /// The whole gate for one priced request.
+    /// The whole gate for one request on a route priced at `price`.
     async fn run<S, B>(
         self: Arc<Self>,
         ctx: Arc<RequestCtx>,
+        price: Micros,
         mut req: Request<B>,
         inner: S,
     ) -> Result<Response<Body>, ProxyError>
@@ -180,7 +182,6 @@ impl PaymentGate {
         B: Send + 'static,
     {
         let route = &ctx.route;
-        let price = route.price.unwrap_or_default();
         let path = req.uri().path().to_owned();
         let html = rejection::prefers_html(req.headers());
         let charge = Charge {
@@ -201,7 +202,7 @@ impl PaymentGate {
         let chosen = route.accept.iter().filter_map(|n| self.rails.get(n)).find(|r| r.present(req.headers()));
         let Some(rail) = chosen else {
             let other =
-                self.rails.iter().find(|r| !route.accept.iter().any(|a| a == r.name()) && r.present(req.headers()));
+                self.rails.iter().find(|r| !route.accept.iter().any(|a| *a == r.name()) && r.present(req.headers()));
             let d = match other {
                 Some(r) => Denial::new(
                     Reason::PaymentMethodUnsupported,
@@ -284,13 +285,12 @@ impl PaymentGate {
         // From here on the request is the upstream's: it runs to its answer in a task
         // of its own, so a client that hangs up before the head does not decide the
         // charge; the upstream's answer does, by the same rule as always.
-        let gate_index = route.index;
         let this = self.clone();
         let request_id = ctx.request_id.clone();
         let task = tokio::spawn(async move {
             let guard = GrantGuard(Some(grant));
             let answer = inner.oneshot(req).await;
-            this.settle(&ctx, gate_index, guard, answer, path, html).await
+            this.settle(&ctx, price, guard, answer, path, html).await
         });
         match task.await {
             Ok(res) => res,
@@ -311,14 +311,14 @@ impl PaymentGate {
     async fn settle(
         &self,
         ctx: &RequestCtx,
-        gate_index: usize,
+        price: Micros,
         mut guard: GrantGuard,
         answer: Result<Response<Body>, ProxyError>,
         path: String,
         html: bool,
     ) -> Result<Response<Body>, ProxyError> {
         let route = &ctx.route;
-        let gate = self.routes.get(&gate_index);
+        let gate = self.routes.get(&route.index);
         let grant = guard.take();
         let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == grant.rail()));
         let chargeable = match &answer {
@@ -371,7 +371,7 @@ impl PaymentGate {
                 // was not charged for.
                 let charge = Charge {
                     route,
-                    price: route.price.unwrap_or_default(),
+                    price,
                     request_id: &ctx.request_id,
                     client_ip: ctx.client_ip,
                     public_base: &self.public_base,
@@ -455,14 +455,16 @@ where
                 let r = Responder { public_base: &gate.public_base, request_id: "", instance: "", html: false };
                 return Ok(Rejection::Internal("no route for the payment gate").into_response(&r));
             };
-            if ctx.route.is_free() {
-                let mut req = req;
-                for rail in gate.rails.iter() {
-                    rail.scrub(req.headers_mut());
+            match ctx.route.pricing {
+                Pricing::Free => {
+                    let mut req = req;
+                    for rail in gate.rails.iter() {
+                        rail.scrub(req.headers_mut());
+                    }
+                    inner.oneshot(req).await
                 }
-                return inner.oneshot(req).await;
+                Pricing::Fixed(price) => gate.run(ctx, price, req, inner).await,
             }
-            gate.run(ctx, req, inner).await
         })
     }
 }
@@ -518,7 +520,6 @@ free = true
         let ledger: Arc<dyn Ledger> =
             Arc::new(SqliteLedger::open(&dir.path().join("l.db"), SqliteOptions::default()).unwrap());
         let cfg = Config::parse(CONFIG, |_| None).unwrap();
-        cfg.validate().unwrap();
         let metrics = Arc::new(Metrics::new());
         let rails = Rails::new(vec![Arc::new(Credits::new(&cfg.credits, ledger.clone(), metrics.clone()))]);
         let routes = RouteTable::new(&cfg);

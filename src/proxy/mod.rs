@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::config::{duration, UpstreamConfig};
+use crate::config::UpstreamConfig;
 use crate::metrics::{Metrics, UpstreamLabel};
 use crate::Body;
 
@@ -196,29 +196,25 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     /// Builds an upstream from validated config.
     pub fn new(cfg: &UpstreamConfig, metrics: &Metrics) -> Result<Upstream, String> {
-        let uri: Uri = cfg.url.parse().map_err(|e| format!("upstream {}: bad url: {e}", cfg.name))?;
+        let uri = cfg.url.uri();
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
         let authority = uri.authority().cloned().ok_or_else(|| format!("upstream {}: url has no host", cfg.name))?;
         let base_path = uri.path().trim_end_matches('/').to_owned();
 
         let client = pooled_client(PoolSettings {
-            connect_timeout: duration(&cfg.connect_timeout),
+            connect_timeout: cfg.connect_timeout,
             ca: cfg.ca.as_deref(),
-            idle_timeout: duration(&cfg.pool_idle_timeout),
+            idle_timeout: cfg.pool_idle_timeout,
             max_idle: cfg.pool_max_idle,
         })
         .map_err(|e| format!("upstream {}: {e}", cfg.name))?;
-        let inject = cfg
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
-            .collect();
+        let inject = cfg.headers.clone();
         Ok(Upstream {
             name: cfg.name.as_str().into(),
             scheme,
             authority,
             base_path,
-            timeout: duration(&cfg.timeout),
+            timeout: cfg.timeout,
             inject,
             client,
             duration: metrics.upstream_duration.get_or_create(&UpstreamLabel { upstream: cfg.name.clone() }).clone(),

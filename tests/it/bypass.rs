@@ -418,8 +418,7 @@ async fn h2c_in_the_upgrades_list_is_a_config_error() {
         "{}[[upstream]]\nname = \"api\"\nurl = \"http://127.0.0.1:9\"\n\n[[route]]\nname = \"r\"\nupstream = \"api\"\npath = \"/*\"\nfree = true\nupgrades = [\"websocket\", \"h2c\"]\n",
         base_config().replace("{db}", "/tmp/never-opened.db")
     );
-    let cfg = tollgate::config::Config::parse(&text, |_| None).unwrap();
-    let err = cfg.validate().unwrap_err().0.join("\n");
+    let err = tollgate::config::Config::parse(&text, |_| None).unwrap_err().0.join("\n");
     assert!(err.contains("route[0].upgrades[1]") && err.contains("h2c"), "{err}");
 }
 

@@ -979,7 +979,7 @@ async fn check_supported_reports_each_configured_kind() {
     );
     assert_eq!(fac.supported_calls(), 1);
     let mut down = cfg.clone();
-    down.facilitator = closed_port_url().await;
+    down.facilitator = tollgate::config::HttpUrl::parse(&closed_port_url().await).unwrap();
     assert!(check_supported(&down).await.is_err());
     gw.shutdown().await;
 }

@@ -17,8 +17,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use serde_json::Value;
 
+use super::config::X402Config;
 use super::types::{FacilitatorRequest, SettleResponse, SupportedResponse, VerifyResponse};
-use crate::config::{duration, X402Config};
 use crate::payment::Reason;
 
 /// Longest facilitator answer read; a JSON verdict is a few hundred bytes.
@@ -76,23 +76,24 @@ impl std::fmt::Debug for FacilitatorClient {
 impl FacilitatorClient {
     /// Builds the client for a validated `[x402]` section.
     pub fn new(cfg: &X402Config) -> Result<FacilitatorClient, String> {
-        let timeout = duration(&cfg.facilitator_timeout);
+        let timeout = cfg.facilitator_timeout;
         let client = crate::proxy::pooled_client(crate::proxy::PoolSettings {
             connect_timeout: timeout,
             ca: None,
             idle_timeout: Duration::from_secs(60),
             max_idle: 8,
         })?;
-        let mut headers = Vec::new();
-        for (k, v) in &cfg.facilitator_headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| format!("x402.facilitator_headers.{k}: not a valid header name"))?;
-            let mut value = HeaderValue::from_str(v)
-                .map_err(|_| format!("x402.facilitator_headers.{k}: not a valid header value"))?;
-            value.set_sensitive(true);
-            headers.push((name, value));
-        }
-        Ok(FacilitatorClient { base: cfg.facilitator.trim_end_matches('/').to_owned(), headers, timeout, client })
+        let headers = cfg
+            .facilitator_headers
+            .iter()
+            .map(|(name, value)| {
+                let mut value = value.clone();
+                value.set_sensitive(true);
+                (name.clone(), value)
+            })
+            .collect();
+        let base = cfg.facilitator.as_str().trim_end_matches('/').to_owned();
+        Ok(FacilitatorClient { base, headers, timeout, client })
     }
 
     pub fn base(&self) -> &str {

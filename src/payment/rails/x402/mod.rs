@@ -22,6 +22,7 @@
 //!
 //! Amounts: one micro-USD of the route price is one atomic unit of a 6-decimal token.
 
+pub mod config;
 pub mod facilitator;
 pub mod types;
 pub mod verify;
@@ -39,13 +40,13 @@ use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Map, Value};
 
+use self::config::{OfferConfig, SettleMode, X402Config};
 use self::facilitator::{settle_reason, verify_reason, FacilitatorClient, FacilitatorError, Verdict};
 use self::types::{
     AssetExtra, FacilitatorRequest, PaymentPayloadV1, PaymentPayloadV2, PaymentRequiredV2, Requirements,
     RequirementsV1, RequirementsV2, ResourceInfo, SettleResponse,
 };
 use self::verify::{Authorization, Expected, LocalError};
-use crate::config::{evm_chain_id, SettleMode, X402Config};
 use crate::ledger::{Ledger, Settlement};
 use crate::metrics::{Metrics, RailResult};
 use crate::money::Micros;
@@ -53,6 +54,8 @@ use crate::payment::{money_header, ChallengePart, Charge, Denial, Grant, Rail, R
 use crate::problem::html_escape;
 
 pub const NAME: &str = "x402";
+/// Needs its `[x402]` section (facilitator, network, asset, payTo).
+pub const SPEC: super::RailSpec = super::RailSpec { name: NAME, section: Some("x402") };
 /// v1 payment header.
 pub const X_PAYMENT: HeaderName = HeaderName::from_static("x-payment");
 /// v2 payment header.
@@ -111,21 +114,18 @@ struct Offer {
 }
 
 impl Offer {
-    fn new(network: &str, asset: &str, name: &str, version: &str, pay_to: &str) -> Result<Offer, String> {
-        let chain_id = evm_chain_id(network).ok_or_else(|| format!("x402: {network:?} is not an eip155 network"))?;
-        let asset_addr = verify::address(asset).ok_or_else(|| format!("x402: asset {asset:?} is not an address"))?;
-        let pay_to_addr =
-            verify::address(pay_to).ok_or_else(|| format!("x402: pay_to {pay_to:?} is not an address"))?;
-        Ok(Offer {
-            network: network.to_owned(),
-            v1_network: v1_network(chain_id),
-            asset: asset_addr,
-            asset_text: asset.to_owned(),
-            pay_to: pay_to_addr,
-            pay_to_text: pay_to.to_owned(),
-            extra: AssetExtra { name: name.to_owned(), version: version.to_owned() },
-            domain: verify::domain(name, version, chain_id, asset_addr),
-        })
+    fn new(cfg: &OfferConfig) -> Offer {
+        let (name, version) = (&cfg.asset_name, &cfg.asset_version);
+        Offer {
+            network: cfg.network.clone(),
+            v1_network: v1_network(cfg.chain_id),
+            asset: cfg.asset,
+            asset_text: cfg.asset_text.clone(),
+            pay_to: cfg.pay_to,
+            pay_to_text: cfg.pay_to_text.clone(),
+            extra: AssetExtra { name: name.clone(), version: version.clone() },
+            domain: verify::domain(name, version, cfg.chain_id, cfg.asset),
+        }
     }
 
     fn v1(&self, price: Micros, resource: &ResourceInfo, max_timeout: u64) -> Option<RequirementsV1> {
@@ -219,11 +219,7 @@ impl X402 {
         metrics: Arc<Metrics>,
         clock: Clock,
     ) -> Result<X402, String> {
-        let mut offers = vec![Offer::new(&cfg.network, &cfg.asset, &cfg.asset_name, &cfg.asset_version, &cfg.pay_to)?];
-        for o in &cfg.offers {
-            let pay_to = o.pay_to.as_deref().unwrap_or(&cfg.pay_to);
-            offers.push(Offer::new(&o.network, &o.asset, &o.asset_name, &o.asset_version, pay_to)?);
-        }
+        let offers = cfg.all_offers().map(Offer::new).collect();
         let shared = Shared {
             offers,
             facilitator: FacilitatorClient::new(cfg)?,
@@ -240,11 +236,11 @@ impl X402 {
 }
 
 fn resource_info(charge: &Charge<'_>) -> ResourceInfo {
-    let cfg = &charge.route.config;
+    let route = charge.route;
     ResourceInfo {
         url: charge.resource(),
-        description: cfg.description.clone().unwrap_or_else(|| format!("Access to route {}", charge.route.name)),
-        mime_type: cfg.mime_type.clone().unwrap_or_else(|| "application/json".to_owned()),
+        description: route.description.clone().unwrap_or_else(|| format!("Access to route {}", route.name)),
+        mime_type: route.mime_type.clone().unwrap_or_else(|| "application/json".to_owned()),
     }
 }
 
@@ -740,16 +736,16 @@ impl KindSupport {
 pub async fn check_supported(cfg: &X402Config) -> Result<Vec<KindSupport>, FacilitatorError> {
     let client = FacilitatorClient::new(cfg).map_err(FacilitatorError::Unreachable)?;
     let supported = client.supported().await?;
-    let mut networks: Vec<&str> = vec![cfg.network.as_str()];
-    for o in &cfg.offers {
-        if !networks.contains(&o.network.as_str()) {
-            networks.push(&o.network);
+    let mut networks: Vec<(&str, u64)> = Vec::new();
+    for o in cfg.all_offers() {
+        if !networks.iter().any(|(n, _)| *n == o.network) {
+            networks.push((&o.network, o.chain_id));
         }
     }
     Ok(networks
         .into_iter()
-        .map(|network| {
-            let v1_name = evm_chain_id(network).and_then(v1_network);
+        .map(|(network, chain_id)| {
+            let v1_name = v1_network(chain_id);
             let listed = |version: u8| {
                 supported.kinds.iter().any(|k| {
                     k.x402_version == version
@@ -789,16 +785,22 @@ mod tests {
 
     #[test]
     fn no_x402_document_tollgate_writes_contains_null() {
-        let sepolia = Offer::new(
-            "eip155:84532",
-            "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
-            "USDC",
-            "2",
-            "0x209693Bc6afc0C5328bA36FaF03C514EF312287C",
-        )
-        .unwrap();
+        let offer = |network: &str| {
+            let raw = config::RawOffer {
+                network: network.into(),
+                asset: "0x036CbD53842c5426634e7929541eC2318f3dCF7e".into(),
+                asset_name: "USDC".into(),
+                asset_version: "2".into(),
+                pay_to: Some("0x209693Bc6afc0C5328bA36FaF03C514EF312287C".into()),
+            };
+            let mut p = crate::config::values::Problems::default();
+            let cfg = OfferConfig::parse("x402", &raw, "", &mut p);
+            assert!(p.is_empty(), "{p:?}");
+            Offer::new(&cfg.unwrap())
+        };
+        let sepolia = offer("eip155:84532");
         // A chain without a v1 name: its v1 requirement is absent, never null.
-        let unnamed = Offer::new("eip155:999999", &sepolia.asset_text, "USDC", "2", &sepolia.pay_to_text).unwrap();
+        let unnamed = offer("eip155:999999");
         let resource = ResourceInfo {
             url: "https://api.test/paid/x".into(),
             description: "Access to route paid".into(),

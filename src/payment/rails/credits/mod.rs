@@ -5,15 +5,16 @@
 //! atomically before forwarding, captures it when the upstream answered, and releases
 //! it when the upstream failed (see ARCHITECTURE.md, "Invariants").
 
+pub mod config;
+
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 use serde_json::json;
 
-use crate::config::CreditsConfig;
+use self::config::{CreditsConfig, SpendCap};
 use crate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, KEY_PREFIX};
 use crate::metrics::Metrics;
 use crate::money::Micros;
@@ -21,6 +22,8 @@ use crate::payment::{money_header, ChallengePart, Charge, Denial, Grant, Rail, R
 use crate::problem::html_escape;
 
 pub const NAME: &str = "credits";
+/// Always available: `[credits]` is optional, its defaults work.
+pub const SPEC: super::RailSpec = super::RailSpec { name: NAME, section: None };
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// Longest credential header value read at all; anything longer is malformed.
 const MAX_CREDENTIAL: usize = 256;
@@ -31,7 +34,7 @@ pub struct Credits {
     header_display: String,
     headers: Vec<HeaderName>,
     topup_url: Option<String>,
-    spend_cap: Option<(Micros, Duration)>,
+    spend_cap: Option<SpendCap>,
     metrics: Arc<Metrics>,
 }
 
@@ -43,18 +46,18 @@ impl std::fmt::Debug for Credits {
 
 impl Credits {
     pub fn new(cfg: &CreditsConfig, ledger: Arc<dyn Ledger>, metrics: Arc<Metrics>) -> Credits {
-        let header = HeaderName::from_bytes(cfg.header.as_bytes()).unwrap_or(header::AUTHORIZATION);
+        let header = cfg.header.clone();
         let mut headers = vec![header.clone()];
         if header != X_API_KEY {
             headers.push(X_API_KEY);
         }
         Credits {
             ledger,
-            header_display: cfg.header.clone(),
+            header_display: cfg.header_display.clone(),
             header,
             headers,
             topup_url: cfg.topup_url.clone(),
-            spend_cap: cfg.spend_cap.as_deref().and_then(|c| crate::config::parse_spend_cap(c).ok()),
+            spend_cap: cfg.spend_cap,
             metrics,
         }
     }
@@ -152,7 +155,7 @@ impl Rail for Credits {
                 amount: charge.price,
                 route: &charge.route.name,
                 request_id: charge.request_id,
-                spend_cap: self.spend_cap,
+                spend_cap: self.spend_cap.map(|c| (c.amount, c.per)),
             })
             .await
             .map_err(|e| backend_down(&self.metrics, e))?;
@@ -181,7 +184,7 @@ impl Rail for Credits {
             .rail(NAME)),
             HoldOutcome::SpendCapReached { spent, cap, .. } => {
                 let window = match self.spend_cap {
-                    Some((_, w)) if w.as_secs() <= 3600 => "hour",
+                    Some(SpendCap { per, .. }) if per.as_secs() <= 3600 => "hour",
                     _ => "day",
                 };
                 Err(Denial::new(
