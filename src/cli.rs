@@ -111,7 +111,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime(None).block_on(crate::demo::doctor(cfg))
+            runtime(None).block_on(crate::doctor::doctor(cfg))
         }
     }
 }

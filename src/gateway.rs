@@ -105,7 +105,7 @@ impl Snapshot {
 }
 
 /// State that outlives reloads.
-pub struct Shared {
+pub struct GatewayState {
     pub metrics: Arc<Metrics>,
     pub ledger: Arc<dyn Ledger>,
     pub rails: RailFactory,
@@ -114,16 +114,16 @@ pub struct Shared {
     reload_lock: tokio::sync::Mutex<()>,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for GatewayState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("config_path", &self.config_path).finish()
+        f.debug_struct("GatewayState").field("config_path", &self.config_path).finish()
     }
 }
 
 /// The gateway service handed to every connection. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Gateway {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<GatewayState>,
 }
 
 impl Gateway {
@@ -135,7 +135,7 @@ impl Gateway {
         rails: RailFactory,
     ) -> Result<Gateway, ConfigErrors> {
         let snap = Snapshot::build(cfg, &metrics, &ledger, &rails)?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(GatewayState {
             metrics,
             ledger,
             rails,

@@ -10,6 +10,7 @@
 //! back a [`Grant`] that is committed (captured / settled) or released once the
 //! upstream's response head is known. Adding a rail touches no other rail.
 
+pub mod gate;
 pub mod layer;
 pub mod rails;
 pub mod ratelimit;

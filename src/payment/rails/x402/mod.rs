@@ -181,7 +181,9 @@ impl Calls {
     }
 }
 
-struct Shared {
+/// What the rail and its grants share: the offers, the facilitator client, the replay
+/// store (the ledger), the clock and the metric handles.
+struct X402Core {
     offers: Vec<Offer>,
     facilitator: FacilitatorClient,
     ledger: Arc<dyn Ledger>,
@@ -195,7 +197,7 @@ struct Shared {
 
 /// The x402 rail.
 pub struct X402 {
-    shared: Arc<Shared>,
+    shared: Arc<X402Core>,
     headers: [HeaderName; 2],
 }
 
@@ -220,7 +222,7 @@ impl X402 {
         clock: Clock,
     ) -> Result<X402, String> {
         let offers = cfg.all_offers().map(Offer::new).collect();
-        let shared = Shared {
+        let shared = X402Core {
             offers,
             facilitator: FacilitatorClient::new(cfg)?,
             calls: Calls::new(&metrics),
@@ -316,7 +318,7 @@ struct Selected<'a> {
     value: U256,
 }
 
-impl Shared {
+impl X402Core {
     /// Matches a decoded payment to an offer and runs every local check.
     fn select(&self, decoded: &Decoded, price: Micros) -> Result<Selected<'_>, Denial> {
         let amount = U256::from(price.get());
@@ -626,268 +628,10 @@ fn requirements(
     (accepts_v1, v2)
 }
 
-/// The version's settlement header (`X-PAYMENT-RESPONSE` for v1, `PAYMENT-RESPONSE`
-/// for v2): base64 of the compact SettleResponse JSON.
-fn settlement_header(version: u8, res: &SettleResponse) -> Option<(HeaderName, HeaderValue)> {
-    let name = if version == 1 { X_PAYMENT_RESPONSE } else { PAYMENT_RESPONSE };
-    let json = serde_json::to_vec(res).ok()?;
-    Some((name, HeaderValue::from_str(&STANDARD.encode(json)).ok()?))
-}
-
-/// What a verified payment needs to be settled and recorded.
-struct Pending {
-    version: u8,
-    payload: Value,
-    requirements: Requirements,
-    payer: String,
-    amount: u64,
-    asset: String,
-    network: String,
-    route: String,
-    request_id: String,
-}
-
-struct X402Grant {
-    shared: Arc<Shared>,
-    pending: Pending,
-    /// Settled before the upstream (`settle = "before_upstream"`).
-    settled: Option<SettleResponse>,
-}
-
-impl X402Grant {
-    fn receipt(&self, res: &SettleResponse) -> Receipt {
-        let p = &self.pending;
-        let header = SettleResponse {
-            success: true,
-            error_reason: None,
-            payer: Some(res.payer.clone().unwrap_or_else(|| p.payer.clone())),
-            transaction: res.transaction.clone(),
-            network: if res.network.is_empty() { p.network.clone() } else { res.network.clone() },
-        };
-        let mut headers = Vec::with_capacity(2);
-        headers.extend(settlement_header(p.version, &header));
-        headers
-            .push((HeaderName::from_static("x-tollgate-charged"), money_header(Micros(p.amount), &self.shared.symbol)));
-        Receipt { headers, revenue: p.amount }
-    }
-}
-
-#[async_trait]
-impl Grant for X402Grant {
-    fn rail(&self) -> &'static str {
-        NAME
-    }
-
-    fn payer(&self) -> &str {
-        &self.pending.payer
-    }
-
-    fn paid(&self) -> String {
-        format!("{} {}", Micros(self.pending.amount), self.shared.symbol)
-    }
-
-    /// Settles whenever it is called. Whether a response is paid for is one rule for
-    /// every rail, applied by the payment layer from the route's `charge_on`
-    /// (`"success"`: the upstream answered below 500; `"always"`), so the reference
-    /// servers' own rule (settle below 400) does not apply: a 404 or 422 the upstream
-    /// answered is paid for, as with credits.
-    async fn commit(self: Box<Self>) -> Result<Receipt, Denial> {
-        if let Some(res) = &self.settled {
-            return Ok(self.receipt(res));
-        }
-        let res = self.shared.settle(&self.pending).await?;
-        Ok(self.receipt(&res))
-    }
-
-    async fn release(self: Box<Self>) {
-        // Nothing to give back: an unsettled authorization simply expires, and its
-        // nonce stays reserved until `validBefore` so it can never be used twice.
-        if self.settled.is_some() {
-            tracing::warn!(
-                request_id = %self.pending.request_id,
-                payer = %self.pending.payer,
-                "x402 payment settled before an upstream that failed; it cannot be refunded automatically"
-            );
-        }
-    }
-}
-
-/// Whether a facilitator lists one configured (scheme, network).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KindSupport {
-    pub scheme: &'static str,
-    /// CAIP-2.
-    pub network: String,
-    pub v1_network: Option<&'static str>,
-    /// Listed for x402 v1 (under either network spelling).
-    pub v1: bool,
-    /// Listed for x402 v2.
-    pub v2: bool,
-}
-
-impl KindSupport {
-    pub fn supported(&self) -> bool {
-        self.v1 || self.v2
-    }
-}
-
-/// Asks the facilitator's `GET /supported` whether it serves every configured offer
-/// (for `tollgate doctor`).
-pub async fn check_supported(cfg: &X402Config) -> Result<Vec<KindSupport>, FacilitatorError> {
-    let client = FacilitatorClient::new(cfg).map_err(FacilitatorError::Unreachable)?;
-    let supported = client.supported().await?;
-    let mut networks: Vec<(&str, u64)> = Vec::new();
-    for o in cfg.all_offers() {
-        if !networks.iter().any(|(n, _)| *n == o.network) {
-            networks.push((&o.network, o.chain_id));
-        }
-    }
-    Ok(networks
-        .into_iter()
-        .map(|(network, chain_id)| {
-            let v1_name = v1_network(chain_id);
-            let listed = |version: u8| {
-                supported.kinds.iter().any(|k| {
-                    k.x402_version == version
-                        && k.scheme == SCHEME
-                        && (k.network == network || Some(k.network.as_str()) == v1_name)
-                })
-            };
-            KindSupport {
-                scheme: SCHEME,
-                network: network.to_owned(),
-                v1_network: v1_name,
-                v1: listed(1),
-                v2: listed(2),
-            }
-        })
-        .collect())
-}
-
+mod grant;
+mod supported;
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    /// Paths of every `null` in `v`.
-    fn nulls(v: &Value, at: &str, out: &mut Vec<String>) {
-        match v {
-            Value::Null => out.push(at.to_owned()),
-            Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| nulls(v, &format!("{at}[{i}]"), out)),
-            Value::Object(m) => m.iter().for_each(|(k, v)| nulls(v, &format!("{at}.{k}"), out)),
-            _ => {}
-        }
-    }
-
-    fn header_json(h: Option<(HeaderName, HeaderValue)>) -> Value {
-        let (_, v) = h.expect("a settlement header");
-        serde_json::from_slice(&STANDARD.decode(v.as_bytes()).unwrap()).unwrap()
-    }
-
-    #[test]
-    fn no_x402_document_tollgate_writes_contains_null() {
-        let offer = |network: &str| {
-            let raw = config::RawOffer {
-                network: network.into(),
-                asset: "0x036CbD53842c5426634e7929541eC2318f3dCF7e".into(),
-                asset_name: "USDC".into(),
-                asset_version: "2".into(),
-                pay_to: Some("0x209693Bc6afc0C5328bA36FaF03C514EF312287C".into()),
-            };
-            let mut p = crate::config::values::Problems::default();
-            let cfg = OfferConfig::parse("x402", &raw, "", &mut p);
-            assert!(p.is_empty(), "{p:?}");
-            Offer::new(&cfg.unwrap())
-        };
-        let sepolia = offer("eip155:84532");
-        // A chain without a v1 name: its v1 requirement is absent, never null.
-        let unnamed = offer("eip155:999999");
-        let resource = ResourceInfo {
-            url: "https://api.test/paid/x".into(),
-            description: "Access to route paid".into(),
-            mime_type: "application/json".into(),
-        };
-        let offers = [sepolia.clone(), unnamed];
-        let (v1, v2) = requirements(&offers, Micros(10_000), resource.clone(), 60, "payment_missing");
-        assert_eq!(v1.len(), 1);
-        let payload = serde_json::json!({"x402Version": 1});
-        let v1_req = Requirements::V1(sepolia.v1(Micros(10_000), &resource, 60).unwrap());
-        let v2_req = Requirements::V2(sepolia.v2(Micros(10_000), 60));
-        let facilitator = |version, r| {
-            serde_json::to_value(FacilitatorRequest {
-                x402_version: version,
-                payment_payload: &payload,
-                payment_requirements: r,
-            })
-            .unwrap()
-        };
-        // As tollgate writes them: a success (payer from the facilitator or ours), a
-        // refusal, and a facilitator that answered with neither payer nor reason.
-        let settled = |success, error_reason: Option<&str>, payer: Option<&str>| SettleResponse {
-            success,
-            error_reason: error_reason.map(str::to_owned),
-            payer: payer.map(str::to_owned),
-            transaction: String::new(),
-            network: "eip155:84532".into(),
-        };
-        let docs = [
-            ("v1 accepts", serde_json::to_value(&v1).unwrap()),
-            ("PAYMENT-REQUIRED", serde_json::to_value(&v2).unwrap()),
-            ("v1 facilitator request", facilitator(1, &v1_req)),
-            ("v2 facilitator request", facilitator(2, &v2_req)),
-            ("v1 settled", header_json(settlement_header(1, &settled(true, None, Some("0xf39F"))))),
-            ("v2 refused", header_json(settlement_header(2, &settled(false, Some("insufficient_funds"), None)))),
-            ("bare", header_json(settlement_header(2, &settled(false, None, None)))),
-        ];
-        for (what, doc) in docs {
-            let mut found = Vec::new();
-            nulls(&doc, "$", &mut found);
-            assert!(found.is_empty(), "{what} has null at {found:?}: {doc}");
-        }
-        // The optional members are left out, not emptied.
-        let v1_json = serde_json::to_value(&v1[0]).unwrap();
-        assert!(v1_json.get("outputSchema").is_none(), "{v1_json}");
-        let bare = header_json(settlement_header(2, &settled(false, None, None)));
-        assert!(bare.get("errorReason").is_none() && bare.get("payer").is_none(), "{bare}");
-    }
-
-    // === properties (the payment header parser's fuzz targets, run by `cargo test`) ===
-
-    use proptest::prelude::*;
-
-    /// Header values that are base64 of JSON close to a payment, and raw bytes.
-    fn payment_header() -> impl Strategy<Value = Vec<u8>> {
-        let json_like = prop_oneof![
-            Just(r#"{"x402Version":1,"scheme":"exact","network":"base-sepolia","payload":{}}"#.to_owned()),
-            Just(r#"{"x402Version":2,"accepted":{},"payload":{"signature":"0x","authorization":{}}}"#.to_owned()),
-            "\\{\"x402Version\":[0-9]{1,3}(,\"[a-z]{1,8}\":(null|[0-9]{1,20}|\"[ -~]{0,20}\"|\\{\\}|\\[\\]))*\\}",
-            any::<String>(),
-        ];
-        prop_oneof![
-            proptest::collection::vec(any::<u8>(), 0..400),
-            json_like.prop_map(|j| STANDARD.encode(j).into_bytes()),
-        ]
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
-
-        /// Any header bytes in either payment header: a decoded payment or a refusal
-        /// with a reason, never a panic; the payer hint never panics either.
-        #[test]
-        fn any_payment_header_gets_a_decision(v in payment_header(), v2 in any::<bool>()) {
-            let mut headers = HeaderMap::new();
-            let name = if v2 { PAYMENT_SIGNATURE } else { X_PAYMENT };
-            if let Ok(value) = HeaderValue::from_bytes(&v) {
-                headers.insert(name, value);
-                match decode(&headers) {
-                    Ok(_) => {}
-                    Err(d) => prop_assert!(matches!(
-                        d.reason,
-                        Reason::PaymentMalformed | Reason::PaymentMissing | Reason::PaymentMethodUnsupported
-                    ), "{:?}", d.reason),
-                }
-                let _ = signed_from(&headers);
-            }
-        }
-    }
-}
+use grant::{settlement_header, Pending, X402Grant};
+pub use supported::{check_supported, KindSupport};

@@ -1,0 +1,425 @@
+//! The payment gate: everything the payment layer decides for one priced request, in
+//! order — per-address limit, choice of rail, per-payer limit, authorization (hold /
+//! verify), the request as the upstream will see it, and, once the upstream answered or
+//! failed, the end of the charge by `charge_on`. Built once per config snapshot; the
+//! tower plumbing around it is in `layer.rs`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tower::{Service, ServiceExt};
+
+use super::ratelimit::Limiter;
+use super::{Charge, Denial, Grant, Paid, Rails, Reason, Refused};
+use crate::config::{ChargeOn, Config, Pricing, Rate};
+use crate::metrics::{Metrics, RailLabel, RouteRail, RouteRailResult, RouteReason};
+use crate::money::Micros;
+use crate::proxy::ProxyError;
+use crate::rejection::{self, PaymentRefusal, Rejection, Responder};
+use crate::route::{RequestCtx, RouteTable};
+use crate::Body;
+
+/// The configured gate: rails, limits and pre-resolved metric handles. Built once per
+/// config snapshot.
+pub struct PaymentGate {
+    rails: Rails,
+    public_base: String,
+    topup_url: Option<String>,
+    routes: HashMap<usize, RouteGate>,
+    all_credential_headers: Vec<HeaderName>,
+}
+
+impl std::fmt::Debug for PaymentGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentGate").field("rails", &self.rails).finish()
+    }
+}
+
+struct RouteGate {
+    per_key: Option<Limiter>,
+    per_ip: Option<Limiter>,
+    required: Vec<Counter>,
+    rails: Vec<RailHandles>,
+}
+
+struct RailHandles {
+    name: &'static str,
+    success: Counter,
+    refunded: Counter,
+    rejected: Counter,
+    failed: Counter,
+    revenue: Counter,
+    verify: Histogram,
+    settle: Histogram,
+}
+
+impl PaymentGate {
+    pub fn new(cfg: &Config, routes: &RouteTable, rails: Rails, metrics: &Metrics) -> PaymentGate {
+        let mut gates = HashMap::new();
+        for route in routes.iter().filter(|r| !r.is_free()) {
+            let name = route.name.to_string();
+            let rl = route.rate_limit.as_ref();
+            let limiter = |rate: Option<Rate>| {
+                let rate = rate?;
+                Some(Limiter::new(rate.count, rate.per, rl.and_then(|r| r.burst)))
+            };
+            let required = Reason::ALL
+                .iter()
+                .map(|r| {
+                    metrics
+                        .payment_required
+                        .get_or_create(&RouteReason { route: name.clone(), reason: r.as_str() })
+                        .clone()
+                })
+                .collect();
+            let rail_handles = rails
+                .iter()
+                .map(|rail| {
+                    let n = rail.name();
+                    let result = |res: &'static str| {
+                        metrics
+                            .payments
+                            .get_or_create(&RouteRailResult { route: name.clone(), rail: n, result: res })
+                            .clone()
+                    };
+                    RailHandles {
+                        name: n,
+                        success: result("success"),
+                        refunded: result("refunded"),
+                        rejected: result("rejected"),
+                        failed: result("failed"),
+                        revenue: metrics
+                            .revenue_micros
+                            .get_or_create(&RouteRail { route: name.clone(), rail: n })
+                            .clone(),
+                        verify: metrics.verify_duration.get_or_create(&RailLabel { rail: n }).clone(),
+                        settle: metrics.settle_duration.get_or_create(&RailLabel { rail: n }).clone(),
+                    }
+                })
+                .collect();
+            gates.insert(
+                route.index,
+                RouteGate {
+                    per_key: limiter(rl.and_then(|r| r.per_key)),
+                    per_ip: limiter(rl.and_then(|r| r.per_ip)),
+                    required,
+                    rails: rail_handles,
+                },
+            );
+        }
+        let all_credential_headers = rails.iter().flat_map(|r| r.credential_headers().iter().cloned()).collect();
+        PaymentGate {
+            rails,
+            public_base: cfg.public_base(),
+            topup_url: cfg.credits.topup_url.clone(),
+            routes: gates,
+            all_credential_headers,
+        }
+    }
+
+    /// Answers a refusal to a client that asked for `path` (`html`: it prefers a page).
+    fn refuse(
+        &self,
+        path: &str,
+        html: bool,
+        ctx: &RequestCtx,
+        charge: &Charge<'_>,
+        denial: Denial,
+        gate: Option<&RouteGate>,
+    ) -> Response<Body> {
+        if let Some(g) = gate {
+            if let Some(c) = Reason::ALL.iter().position(|r| *r == denial.reason).and_then(|i| g.required.get(i)) {
+                c.inc();
+            }
+        }
+        tracing::info!(
+            request_id = %ctx.request_id,
+            route = %ctx.route.name,
+            reason = denial.reason.as_str(),
+            cause = denial.cause.as_deref().unwrap_or(""),
+            "payment refused"
+        );
+        let parts = ctx
+            .route
+            .accept
+            .iter()
+            .filter_map(|name| self.rails.get(name))
+            .map(|rail| rail.challenge(charge, &denial))
+            .collect();
+        let refusal = PaymentRefusal {
+            denial,
+            route: ctx.route.name.to_string(),
+            price: charge.price,
+            topup_url: self.topup_url.clone(),
+            parts,
+        };
+        let reason = refusal.denial.reason;
+        let responder = Responder { public_base: &self.public_base, request_id: &ctx.request_id, instance: path, html };
+        let mut res = Rejection::Payment(Box::new(refusal)).into_response(&responder);
+        res.extensions_mut().insert(Refused(reason));
+        res
+    }
+
+    /// One request through the gate: a free route passes (scrubbed of tollgate's
+    /// credentials), a priced one goes through [`PaymentGate::run`].
+    pub(super) async fn handle<S, B>(self: Arc<Self>, req: Request<B>, inner: S) -> Result<Response<Body>, ProxyError>
+    where
+        S: Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
+        S::Future: Send,
+        B: Send + 'static,
+    {
+        let Some(ctx) = req.extensions().get::<Arc<RequestCtx>>().cloned() else {
+            // Without a matched route the gate cannot know the price: fail closed.
+            let r = Responder { public_base: &self.public_base, request_id: "", instance: "", html: false };
+            return Ok(Rejection::Internal("no route for the payment gate").into_response(&r));
+        };
+        match ctx.route.pricing {
+            Pricing::Free => {
+                let mut req = req;
+                for rail in self.rails.iter() {
+                    rail.scrub(req.headers_mut());
+                }
+                inner.oneshot(req).await
+            }
+            Pricing::Fixed(price) => self.run(ctx, price, req, inner).await,
+        }
+    }
+
+    /// The whole gate for one request on a route priced at `price`.
+    async fn run<S, B>(
+        self: Arc<Self>,
+        ctx: Arc<RequestCtx>,
+        price: Micros,
+        mut req: Request<B>,
+        inner: S,
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        S: Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
+        S::Future: Send,
+        B: Send + 'static,
+    {
+        let route = &ctx.route;
+        let path = req.uri().path().to_owned();
+        let html = rejection::prefers_html(req.headers());
+        let charge = Charge {
+            route,
+            price,
+            request_id: &ctx.request_id,
+            client_ip: ctx.client_ip,
+            public_base: &self.public_base,
+            path: &path,
+        };
+        let gate = self.routes.get(&route.index);
+
+        if let Some(Err(secs)) = gate.and_then(|g| g.per_ip.as_ref()).map(|l| l.check(ctx.client_ip)) {
+            let d = Denial::new(Reason::RateLimited, "Too many requests from this address.").retry_after(secs);
+            return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
+        }
+
+        let chosen = route.accept.iter().filter_map(|n| self.rails.get(n)).find(|r| r.present(req.headers()));
+        let Some(rail) = chosen else {
+            let other =
+                self.rails.iter().find(|r| !route.accept.iter().any(|a| *a == r.name()) && r.present(req.headers()));
+            let d = match other {
+                Some(r) => Denial::new(
+                    Reason::PaymentMethodUnsupported,
+                    format!(
+                        "Route {} does not accept {}; it accepts {}.",
+                        route.name,
+                        r.name(),
+                        route.accept.join(", ")
+                    ),
+                ),
+                None => Denial::new(
+                    Reason::PaymentMissing,
+                    format!(
+                        "Route {} costs {price} USD per request; pay with {}.",
+                        route.name,
+                        route.accept.join(" or ")
+                    ),
+                ),
+            };
+            return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
+        };
+        let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == rail.name()));
+
+        // Per-key limits count the payer (see `Rail::payer_hint`), so a credential's
+        // spelling cannot buy a fresh bucket. A bucket is made only once a payment
+        // verified; a spent payer is refused before the ledger is asked.
+        let per_key = gate.and_then(|g| g.per_key.as_ref());
+        let hint = per_key.and_then(|_| rail.payer_hint(req.headers()));
+        if let (Some(limiter), Some(hint)) = (per_key, &hint) {
+            if let Err(secs) = limiter.peek((rail.name(), hint)) {
+                let d = Denial::new(Reason::RateLimited, "Too many requests for this payer.").retry_after(secs);
+                return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
+            }
+        }
+
+        let started = Instant::now();
+        let result = rail.authorize(&charge, req.headers()).await;
+        if let Some(h) = handles {
+            h.verify.observe(started.elapsed().as_secs_f64());
+        }
+        let grant = match result {
+            Ok(g) => g,
+            Err(d) => {
+                if let Some(h) = handles {
+                    if d.reason == Reason::PaymentBackendUnavailable {
+                        h.failed.inc();
+                    } else {
+                        h.rejected.inc();
+                    }
+                }
+                return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
+            }
+        };
+
+        if let Some(limiter) = per_key {
+            let payer = hint.unwrap_or_else(|| grant.payer().to_ascii_lowercase());
+            if let Err(secs) = limiter.check((rail.name(), &payer)) {
+                grant.release().await;
+                let d = Denial::new(Reason::RateLimited, "Too many requests for this payer.").retry_after(secs);
+                return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
+            }
+        }
+
+        let headers = req.headers_mut();
+        for name in &self.all_credential_headers {
+            headers.remove(name);
+        }
+        let (rail_name, payer, paid) = (grant.rail(), grant.payer().to_owned(), grant.paid());
+        if let Ok(v) = HeaderValue::from_str(&route.name) {
+            headers.insert(HeaderName::from_static("x-tollgate-route"), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&payer) {
+            headers.insert(HeaderName::from_static("x-tollgate-payer"), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&paid) {
+            headers.insert(HeaderName::from_static("x-tollgate-paid"), v);
+        }
+        req.extensions_mut().insert(Paid { rail: rail_name, payer });
+
+        // From here on the request is the upstream's: it runs to its answer in a task
+        // of its own, so a client that hangs up before the head does not decide the
+        // charge; the upstream's answer does, by the same rule as always.
+        let this = self.clone();
+        let request_id = ctx.request_id.clone();
+        let task = tokio::spawn(async move {
+            let guard = GrantGuard(Some(grant));
+            let answer = inner.oneshot(req).await;
+            this.settle(&ctx, price, guard, answer, path, html).await
+        });
+        match task.await {
+            Ok(res) => res,
+            Err(e) => {
+                tracing::error!(request_id = %request_id, error = %e, "paid request task failed");
+                let r =
+                    Responder { public_base: &self.public_base, request_id: &request_id, instance: "", html: false };
+                Ok(Rejection::Internal("the paid request's task failed").into_response(&r))
+            }
+        }
+    }
+
+    /// Ends the charge of a forwarded request once the upstream answered or failed:
+    /// captured / settled when `charge_on` says so, released otherwise. Under
+    /// `"always"` a request that reached the upstream and then timed out or broke off
+    /// is charged; one that never reached it (connect error, the client's own body
+    /// failed) never is.
+    async fn settle(
+        &self,
+        ctx: &RequestCtx,
+        price: Micros,
+        mut guard: GrantGuard,
+        answer: Result<Response<Body>, ProxyError>,
+        path: String,
+        html: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let route = &ctx.route;
+        let gate = self.routes.get(&route.index);
+        let grant = guard.take();
+        let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == grant.rail()));
+        let chargeable = match &answer {
+            Ok(res) => route.charge_on == ChargeOn::Always || res.status().as_u16() < 500,
+            Err(e) => route.charge_on == ChargeOn::Always && e.reached_upstream(),
+        };
+        if !chargeable {
+            grant.release().await;
+            if let Some(h) = handles {
+                h.refunded.inc();
+            }
+            return answer;
+        }
+        let started = Instant::now();
+        let committed = grant.commit().await;
+        if let Some(h) = handles {
+            h.settle.observe(started.elapsed().as_secs_f64());
+        }
+        match committed {
+            Ok(receipt) => {
+                if let Some(h) = handles {
+                    if receipt.revenue > 0 {
+                        h.success.inc();
+                        h.revenue.inc_by(receipt.revenue);
+                    } else {
+                        h.refunded.inc();
+                    }
+                }
+                // Charged after a timeout under "always": the caller gets the 504, with
+                // no receipt to attach it to.
+                let mut res = answer?;
+                let expose: Vec<&str> = receipt.headers.iter().map(|(k, _)| k.as_str()).collect();
+                let expose = expose.join(", ");
+                let rh = res.headers_mut();
+                for (k, v) in receipt.headers {
+                    rh.insert(k, v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&expose) {
+                    if !expose.is_empty() {
+                        rh.append(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+                    }
+                }
+                Ok(res)
+            }
+            Err(d) => {
+                if let Some(h) = handles {
+                    h.failed.inc();
+                }
+                // The upstream body is dropped unread: the caller does not get what it
+                // was not charged for.
+                let charge = Charge {
+                    route,
+                    price,
+                    request_id: &ctx.request_id,
+                    client_ip: ctx.client_ip,
+                    public_base: &self.public_base,
+                    path: &path,
+                };
+                Ok(self.refuse(&path, html, ctx, &charge, d, gate))
+            }
+        }
+    }
+}
+
+/// Releases a grant whose request was abandoned (client gone, task cancelled).
+struct GrantGuard(Option<Box<dyn Grant>>);
+
+impl GrantGuard {
+    fn take(&mut self) -> Box<dyn Grant> {
+        self.0.take().expect("grant taken once")
+    }
+}
+
+impl Drop for GrantGuard {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(g.release());
+            }
+        }
+    }
+}
