@@ -2,9 +2,13 @@
 //!
 //! Prices and amounts cross the API boundary as decimal strings (`"0.002"`); inside
 //! tollgate they are `Micros`. For x402 with a 6-decimal token (USDC) one micro-USD is
-//! exactly one atomic unit.
+//! exactly one atomic unit. Shown to a caller, an amount carries its [`Currency`]
+//! ([`Money`]: `0.002 USD`, `0.01 USDC`).
 
 use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderValue;
 
 /// Number of decimal places one micro-unit represents.
 pub const DECIMALS: u32 = 6;
@@ -86,6 +90,65 @@ impl fmt::Display for Micros {
     }
 }
 
+/// What an amount is counted in: US dollars (credits and prices) or a token's symbol
+/// (x402's `asset_symbol`, validated as letters and digits).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Currency {
+    Usd,
+    Token(Symbol),
+}
+
+/// A token symbol: 1 to 16 ASCII letters or digits (made only by [`Currency::token`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Symbol(Arc<str>);
+
+impl Currency {
+    /// A token symbol, if it is one: 1 to 16 ASCII letters or digits.
+    pub fn token(symbol: &str) -> Option<Currency> {
+        let ok = (1..=16).contains(&symbol.len()) && symbol.bytes().all(|b| b.is_ascii_alphanumeric());
+        ok.then(|| Currency::Token(Symbol(symbol.into())))
+    }
+
+    pub fn code(&self) -> &str {
+        match self {
+            Currency::Usd => "USD",
+            Currency::Token(Symbol(s)) => s,
+        }
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// An amount in a currency, as callers see it: `0.002 USD`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Money {
+    pub amount: Micros,
+    pub currency: Currency,
+}
+
+impl Money {
+    pub fn usd(amount: Micros) -> Money {
+        Money { amount, currency: Currency::Usd }
+    }
+
+    /// The money header format (`X-Tollgate-Charged: 0.002 USD`).
+    pub fn header_value(&self) -> HeaderValue {
+        // An amount is digits and a dot, a currency letters and digits (`Symbol`), so
+        // the text is always a valid header value.
+        HeaderValue::from_str(&self.to_string()).expect("money is visible ASCII")
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.amount, self.currency)
+    }
+}
+
 impl std::str::FromStr for Micros {
     type Err = ParseMoneyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -116,6 +179,16 @@ mod tests {
         assert!(matches!(Micros::parse("1.2.3"), Err(ParseMoneyError::Syntax(_))));
         assert!(matches!(Micros::parse(""), Err(ParseMoneyError::Empty)));
         assert!(matches!(Micros::parse("99999999999999999999"), Err(ParseMoneyError::Overflow(_))));
+    }
+
+    #[test]
+    fn money_shows_its_currency() {
+        assert_eq!(Money::usd(Micros(2_000)).to_string(), "0.002 USD");
+        let usdc = Money { amount: Micros(10_000), currency: Currency::token("USDC").unwrap() };
+        assert_eq!(usdc.header_value(), "0.01 USDC");
+        assert_eq!(Currency::token("US DC"), None);
+        assert_eq!(Currency::token(""), None);
+        assert_eq!(Currency::token("USD\n"), None);
     }
 
     #[test]

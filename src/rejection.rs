@@ -13,7 +13,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 use serde_json::{json, Map};
 
-use crate::money::Micros;
+use crate::money::{Currency, Micros, Money};
 use crate::payment::{ChallengePart, Denial, Reason};
 use crate::problem::{self, html_escape};
 use crate::proxy::{Malformed, ProxyError};
@@ -129,7 +129,8 @@ fn payment(p: PaymentRefusal, status: StatusCode, detail: String, r: &Responder<
     let mut extra = Map::new();
     extra.insert("reason".into(), json!(denial.reason.as_str()));
     extra.insert("route".into(), json!(route));
-    extra.insert("price".into(), json!({ "amount": price.to_string(), "currency": "USD" }));
+    let currency = Currency::Usd;
+    extra.insert("price".into(), json!({ "amount": price.to_string(), "currency": currency.code() }));
     if let Some(c) = &denial.cause {
         extra.insert("cause".into(), json!(c));
     }
@@ -209,11 +210,12 @@ fn paywall(
 pre{{padding:.8em;overflow-x:auto}}section{{border:1px solid #e4e4e7;border-radius:8px;padding:0 1em;margin:1em 0}}\
 .button{{display:inline-block;background:#1d4ed8;color:#fff;padding:.5em 1em;border-radius:6px;text-decoration:none}}\
 small{{color:#71717a}}</style></head><body>\
-<h1>{title}</h1><p>{detail}</p><p class=\"price\">{price} USD <small>per request to <code>{route}</code></small></p>\
+<h1>{title}</h1><p>{detail}</p><p class=\"price\">{price} <small>per request to <code>{route}</code></small></p>\
 {topup}<p>{fix}</p><h2>Ways to pay</h2>{sections}\
 <p><small>Reason <code>{reason}</code> &middot; request id <code>{rid}</code> &middot; quote it to the operator if you need help.</small></p>\
 </body></html>",
         detail = html_escape(detail),
+        price = Money::usd(price),
         route = html_escape(route),
         reason = denial.reason.as_str(),
         rid = html_escape(request_id),

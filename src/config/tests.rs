@@ -478,3 +478,9 @@ fn path_patterns_display_as_written() {
         assert_eq!(PathPattern::parse(p).unwrap().to_string(), p);
     }
 }
+
+#[test]
+fn rule_x402_asset_symbol_is_letters_and_digits() {
+    let x = "\n[x402]\nfacilitator = \"http://127.0.0.1:1\"\nnetwork = \"eip155:84532\"\nasset = \"0x036CbD53842c5426634e7929541eC2318f3dCF7e\"\npay_to = \"0x209693Bc6afc0C5328bA36FaF03C514EF312287C\"\nasset_symbol = \"US DC\"\n";
+    one_error(&format!("{MINIMAL}{x}"), "x402.asset_symbol", "not a token symbol");
+}

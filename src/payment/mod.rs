@@ -250,8 +250,3 @@ impl Rails {
         self.0.iter()
     }
 }
-
-/// `0.002 USD`: the money header format (amount, a space, the currency).
-pub fn money_header(amount: Micros, currency: &str) -> HeaderValue {
-    HeaderValue::try_from(format!("{amount} {currency}")).unwrap_or(HeaderValue::from_static("0 USD"))
-}

@@ -17,8 +17,8 @@ use serde_json::json;
 use self::config::{CreditsConfig, SpendCap};
 use crate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, KEY_PREFIX};
 use crate::metrics::Metrics;
-use crate::money::Micros;
-use crate::payment::{money_header, ChallengePart, Charge, Denial, Grant, Rail, Reason, Receipt};
+use crate::money::{Micros, Money};
+use crate::payment::{ChallengePart, Charge, Denial, Grant, Rail, Reason, Receipt};
 use crate::problem::html_escape;
 
 pub const NAME: &str = "credits";
@@ -179,7 +179,11 @@ impl Rail for Credits {
             }
             HoldOutcome::Insufficient { balance, .. } => Err(Denial::new(
                 Reason::InsufficientFunds,
-                format!("Balance {balance} USD is below the price {} USD of route {route}.", charge.price),
+                format!(
+                    "Balance {} is below the price {} of route {route}.",
+                    Money::usd(balance),
+                    Money::usd(charge.price)
+                ),
             )
             .rail(NAME)),
             HoldOutcome::SpendCapReached { spent, cap, .. } => {
@@ -190,8 +194,10 @@ impl Rail for Credits {
                 Err(Denial::new(
                     Reason::SpendCapReached,
                     format!(
-                        "This key has spent {spent} USD of its {cap} USD cap per {window}; the price {} USD of route {route} would exceed it.",
-                        charge.price
+                        "This key has spent {} of its {} cap per {window}; the price {} of route {route} would exceed it.",
+                        Money::usd(spent),
+                        Money::usd(cap),
+                        Money::usd(charge.price)
                     ),
                 )
                 .rail(NAME))
@@ -258,7 +264,7 @@ impl Grant for CreditsGrant {
     }
 
     fn paid(&self) -> String {
-        format!("{} USD", self.price)
+        Money::usd(self.price).to_string()
     }
 
     async fn commit(self: Box<Self>) -> Result<Receipt, Denial> {
@@ -288,8 +294,8 @@ impl Grant for CreditsGrant {
         }
         Ok(Receipt {
             headers: vec![
-                (HeaderName::from_static("x-tollgate-charged"), money_header(self.price, "USD")),
-                (HeaderName::from_static("x-tollgate-balance"), money_header(self.balance, "USD")),
+                (HeaderName::from_static("x-tollgate-charged"), Money::usd(self.price).header_value()),
+                (HeaderName::from_static("x-tollgate-balance"), Money::usd(self.balance).header_value()),
             ],
             revenue: self.price.get(),
         })

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::verify;
 use crate::config::values::{at_least, parse_duration, parse_headers, HttpUrl, Problems};
+use crate::money::Currency;
 
 /// `[x402]` as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -88,7 +89,7 @@ pub struct X402Config {
     pub max_timeout_seconds: u64,
     pub settle: SettleMode,
     /// Token symbol used in money headers (`0.01 USDC`).
-    pub asset_symbol: String,
+    pub asset_symbol: Currency,
     /// Extra headers sent to the facilitator (hosted facilitators need auth).
     pub facilitator_headers: Vec<(HeaderName, HeaderValue)>,
     pub facilitator_timeout: Duration,
@@ -181,13 +182,18 @@ impl X402Config {
             .collect();
         let max_timeout_seconds = p.check("x402.max_timeout_seconds", at_least(raw.max_timeout_seconds, 1));
         let facilitator_headers = parse_headers("x402.facilitator_headers", &raw.facilitator_headers, p);
+        let asset_symbol = p.check(
+            "x402.asset_symbol",
+            Currency::token(&raw.asset_symbol)
+                .ok_or_else(|| format!("{:?} is not a token symbol (1 to 16 letters or digits)", raw.asset_symbol)),
+        );
         Some(X402Config {
             facilitator: facilitator?,
             primary: primary?,
             offers: offers.into_iter().collect::<Option<_>>()?,
             max_timeout_seconds: max_timeout_seconds?,
             settle: raw.settle,
-            asset_symbol: raw.asset_symbol,
+            asset_symbol: asset_symbol?,
             facilitator_headers: facilitator_headers?,
             facilitator_timeout: facilitator_timeout?,
         })

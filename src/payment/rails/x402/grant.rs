@@ -43,8 +43,10 @@ impl X402Grant {
         };
         let mut headers = Vec::with_capacity(2);
         headers.extend(settlement_header(p.version, &header));
-        headers
-            .push((HeaderName::from_static("x-tollgate-charged"), money_header(Micros(p.amount), &self.shared.symbol)));
+        headers.push((
+            HeaderName::from_static("x-tollgate-charged"),
+            Money { amount: Micros(p.amount), currency: self.shared.symbol.clone() }.header_value(),
+        ));
         Receipt { headers, revenue: p.amount }
     }
 }
@@ -60,7 +62,7 @@ impl Grant for X402Grant {
     }
 
     fn paid(&self) -> String {
-        format!("{} {}", Micros(self.pending.amount), self.shared.symbol)
+        Money { amount: Micros(self.pending.amount), currency: self.shared.symbol.clone() }.to_string()
     }
 
     /// Settles whenever it is called. Whether a response is paid for is one rule for

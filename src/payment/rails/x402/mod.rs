@@ -49,8 +49,8 @@ use self::types::{
 use self::verify::{Authorization, Expected, LocalError};
 use crate::ledger::{Ledger, Settlement};
 use crate::metrics::{Metrics, RailResult};
-use crate::money::Micros;
-use crate::payment::{money_header, ChallengePart, Charge, Denial, Grant, Rail, Reason, Receipt};
+use crate::money::{Currency, Micros, Money};
+use crate::payment::{ChallengePart, Charge, Denial, Grant, Rail, Reason, Receipt};
 use crate::problem::html_escape;
 
 pub const NAME: &str = "x402";
@@ -192,7 +192,7 @@ struct X402Core {
     clock: Clock,
     settle: SettleMode,
     max_timeout: u64,
-    symbol: String,
+    symbol: Currency,
 }
 
 /// The x402 rail.
