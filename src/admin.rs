@@ -25,7 +25,7 @@ use crate::Body;
 const MAX_BODY: usize = 64 * 1024;
 
 /// Serves one admin request.
-pub async fn handle<B>(gw: Gateway, req: Request<B>) -> Response<Body>
+pub(crate) async fn handle<B>(gw: Gateway, req: Request<B>) -> Response<Body>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -234,7 +234,7 @@ fn ledger_error(gw: &Gateway, e: LedgerError) -> Response<Body> {
     }
 }
 
-pub fn json_response(status: StatusCode, v: Value) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, v: Value) -> Response<Body> {
     let mut res = Response::new(crate::full(serde_json::to_vec(&v).unwrap_or_default()));
     *res.status_mut() = status;
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -19,7 +19,7 @@ use crate::Body;
 const DEMO_PRICE: &str = "0.002";
 
 /// Starts a tiny JSON API on `127.0.0.1:0`; returns its address.
-pub async fn sample_upstream() -> std::io::Result<SocketAddr> {
+pub(crate) async fn sample_upstream() -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -50,7 +50,7 @@ fn sample_response(req: &Request<Incoming>) -> Response<Body> {
     res
 }
 
-pub fn demo_config(listen: &str, admin_listen: &str, upstream: SocketAddr, ledger: &std::path::Path) -> String {
+pub(crate) fn demo_config(listen: &str, admin_listen: &str, upstream: SocketAddr, ledger: &std::path::Path) -> String {
     format!(
         r#"[server]
 listen = "{listen}"
@@ -91,7 +91,7 @@ topup_url = "http://{listen}/docs/topup"
     )
 }
 
-pub async fn run(listen: &str, admin_listen: &str) -> ExitCode {
+pub(crate) async fn run(listen: &str, admin_listen: &str) -> ExitCode {
     match run_inner(listen, admin_listen).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::config::Config;
 
 /// Checks what a paying client depends on. Exit code 1 when anything fails.
-pub async fn doctor(cfg: Config) -> ExitCode {
+pub(crate) async fn doctor(cfg: Config) -> ExitCode {
     let mut failures = 0;
     println!("config: ok");
     for u in &cfg.upstreams {

@@ -2,26 +2,27 @@
 //!
 //! A request to a priced route passes only with a valid payment credential; otherwise
 //! the caller gets a structured `402 Payment Required` (RFC 9457 problem+json, plus the
-//! x402 challenge) that says exactly what is wrong and how to pay. See `ARCHITECTURE.md` for how the code is laid out.
+//! x402 challenge) that says exactly what is wrong and how to pay. See `ARCHITECTURE.md`
+//! for how the code is laid out.
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod doctor;
+pub(crate) mod demo;
+pub(crate) mod doctor;
 pub mod gateway;
 pub mod ledger;
 pub mod metrics;
 pub mod money;
 pub mod payment;
-pub mod problem;
-pub mod proxy;
+pub(crate) mod problem;
+pub(crate) mod proxy;
 pub mod rejection;
 pub mod route;
-pub mod server;
-pub mod telemetry;
+pub(crate) mod server;
+pub(crate) mod telemetry;
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};

@@ -12,11 +12,11 @@ use serde_json::{json, Map, Value};
 
 use crate::Body;
 
-pub const PROBLEM_PATH: &str = "/.well-known/tollgate/problems/";
+pub(crate) const PROBLEM_PATH: &str = "/.well-known/tollgate/problems/";
 
 /// What a problem code means, for the `title` and the explanatory page.
 #[derive(Debug, Clone, Copy)]
-pub struct ProblemDoc {
+pub(crate) struct ProblemDoc {
     pub code: &'static str,
     pub title: &'static str,
     pub status: StatusCode,
@@ -24,7 +24,7 @@ pub struct ProblemDoc {
     pub fix: &'static str,
 }
 
-pub const DOCS: &[ProblemDoc] = &[
+pub(crate) const DOCS: &[ProblemDoc] = &[
     ProblemDoc { code: "payment_missing", title: "Payment required", status: StatusCode::PAYMENT_REQUIRED,
         what: "The route is priced and the request carried no payment credential of any rail the route accepts.",
         fix: "Send an API key as `Authorization: Bearer <key>` (or `X-API-Key`), or pay with x402 by answering the challenge in the `PAYMENT-REQUIRED` header with a `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1) header." },
@@ -75,7 +75,7 @@ pub const DOCS: &[ProblemDoc] = &[
         fix: "Check the request's URL and headers." },
 ];
 
-pub fn doc(code: &str) -> Option<&'static ProblemDoc> {
+pub(crate) fn doc(code: &str) -> Option<&'static ProblemDoc> {
     DOCS.iter().find(|d| d.code == code)
 }
 
@@ -111,7 +111,7 @@ pub(crate) fn problem_response(
 }
 
 /// The page served at a problem `type` URL.
-pub fn problem_page(code: &str) -> Option<Response<Body>> {
+pub(crate) fn problem_page(code: &str) -> Option<Response<Body>> {
     let d = doc(code)?;
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
@@ -133,7 +133,7 @@ code{{background:#f3f3f3;padding:0 .2em}}</style></head><body>\
     Some(res)
 }
 
-pub fn html_escape(s: &str) -> String {
+pub(crate) fn html_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -149,7 +149,7 @@ pub fn html_escape(s: &str) -> String {
 }
 
 /// Turns `backtick` spans into `<code>` (input already escaped).
-pub fn code_spans(s: &str) -> String {
+pub(crate) fn code_spans(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 16);
     let mut open = false;
     for c in s.chars() {

@@ -53,7 +53,7 @@ use crate::Body;
 
 /// Limits applied to client connections.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
@@ -63,7 +63,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(cfg: &Config) -> Limits {
+    pub(crate) fn from_config(cfg: &Config) -> Limits {
         Limits {
             header_read_timeout: cfg.server.header_read_timeout,
             max_header_bytes: cfg.server.max_header_bytes,
@@ -89,7 +89,7 @@ const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// Loads a rustls server config from PEM files, offering h2 and http/1.1 by ALPN.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let certs = {
         let pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
         rustls_pemfile::certs(&mut pem.as_slice())
@@ -149,7 +149,7 @@ struct Timeouts {
 }
 
 /// Serves the gateway on `listener` until `shutdown` turns true, then drains.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     gateway: Gateway,
@@ -246,7 +246,7 @@ async fn handle(gw: Gateway, conn: ConnInfo, mut req: Request<Incoming>) -> Resp
 }
 
 /// Serves a simple HTTP/1 service (the admin API) until shutdown.
-pub async fn serve_simple<F, Fut>(listener: TcpListener, handler: F, mut shutdown: watch::Receiver<bool>)
+pub(crate) async fn serve_simple<F, Fut>(listener: TcpListener, handler: F, mut shutdown: watch::Receiver<bool>)
 where
     F: Fn(hyper::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = hyper::Response<crate::Body>> + Send + 'static,

@@ -9,7 +9,7 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global subscriber. `RUST_LOG` wins over the config's filter.
 /// Calling it twice is harmless (the second call is ignored).
-pub fn init(cfg: &LogConfig) {
+pub(crate) fn init(cfg: &LogConfig) {
     let filter = std::env::var("RUST_LOG").ok().or_else(|| cfg.filter.clone()).unwrap_or_else(|| "info".to_owned());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -21,7 +21,7 @@ pub fn init(cfg: &LogConfig) {
 
 /// A request id: a sane incoming `x-request-id` is kept (so ids correlate across
 /// proxies), anything else is replaced by a fresh ULID.
-pub fn request_id(incoming: Option<&http::HeaderValue>) -> String {
+pub(crate) fn request_id(incoming: Option<&http::HeaderValue>) -> String {
     if let Some(v) = incoming {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c)) {

@@ -16,7 +16,7 @@ use crate::payment::rails::x402::config::RawX402Config;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub admin: RawAdmin,
@@ -35,7 +35,7 @@ pub struct RawConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawServer {
+pub(crate) struct RawServer {
     pub listen: String,
     pub public_url: Option<String>,
     pub tls: Option<RawTls>,
@@ -58,14 +58,14 @@ pub struct RawServer {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTls {
+pub(crate) struct RawTls {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAdmin {
+pub(crate) struct RawAdmin {
     #[serde(default = "defaults::admin_listen")]
     pub listen: String,
     pub token: Option<String>,
@@ -79,7 +79,7 @@ impl Default for RawAdmin {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLedger {
+pub(crate) struct RawLedger {
     #[serde(default = "defaults::ledger_backend")]
     pub backend: LedgerBackend,
     #[serde(default = "defaults::ledger_path")]
@@ -108,7 +108,7 @@ impl Default for RawLedger {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawUpstream {
+pub(crate) struct RawUpstream {
     pub name: String,
     pub url: String,
     #[serde(default = "defaults::connect_timeout")]
@@ -126,7 +126,7 @@ pub struct RawUpstream {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
+pub(crate) struct RawRoute {
     pub name: String,
     pub upstream: String,
     pub host: Option<String>,
@@ -150,7 +150,7 @@ pub struct RawRoute {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRateLimit {
+pub(crate) struct RawRateLimit {
     pub per_key: Option<String>,
     pub per_ip: Option<String>,
     pub burst: Option<u32>,
@@ -159,52 +159,52 @@ pub struct RawRateLimit {
 mod defaults {
     use super::LedgerBackend;
     use std::path::PathBuf;
-    pub fn header_read_timeout() -> String {
+    pub(super) fn header_read_timeout() -> String {
         "10s".into()
     }
-    pub fn max_header_bytes() -> usize {
+    pub(super) fn max_header_bytes() -> usize {
         16 * 1024
     }
-    pub fn max_connections() -> usize {
+    pub(super) fn max_connections() -> usize {
         10_000
     }
-    pub fn idle_timeout() -> String {
+    pub(super) fn idle_timeout() -> String {
         "60s".into()
     }
-    pub fn http2_max_concurrent_streams() -> u32 {
+    pub(super) fn http2_max_concurrent_streams() -> u32 {
         100
     }
-    pub fn shutdown_timeout() -> String {
+    pub(super) fn shutdown_timeout() -> String {
         "30s".into()
     }
-    pub fn admin_listen() -> String {
+    pub(super) fn admin_listen() -> String {
         "127.0.0.1:9090".into()
     }
-    pub fn ledger_backend() -> LedgerBackend {
+    pub(super) fn ledger_backend() -> LedgerBackend {
         LedgerBackend::Sqlite
     }
-    pub fn ledger_path() -> PathBuf {
+    pub(super) fn ledger_path() -> PathBuf {
         "tollgate.db".into()
     }
-    pub fn pool_size() -> usize {
+    pub(super) fn pool_size() -> usize {
         16
     }
-    pub fn statement_timeout() -> String {
+    pub(super) fn statement_timeout() -> String {
         "2s".into()
     }
-    pub fn connect_timeout() -> String {
+    pub(super) fn connect_timeout() -> String {
         "2s".into()
     }
-    pub fn upstream_timeout() -> String {
+    pub(super) fn upstream_timeout() -> String {
         "60s".into()
     }
-    pub fn pool_idle_timeout() -> String {
+    pub(super) fn pool_idle_timeout() -> String {
         "90s".into()
     }
-    pub fn pool_max_idle() -> usize {
+    pub(super) fn pool_max_idle() -> usize {
         64
     }
-    pub fn upgrades() -> Vec<String> {
+    pub(super) fn upgrades() -> Vec<String> {
         vec!["websocket".into()]
     }
 }

@@ -18,12 +18,12 @@ use crate::Body;
 
 /// The configured upstreams by name; one per config snapshot.
 #[derive(Clone, Debug)]
-pub struct Forward {
+pub(crate) struct Forward {
     upstreams: Arc<HashMap<Arc<str>, Arc<Upstream>>>,
 }
 
 impl Forward {
-    pub fn new(upstreams: HashMap<Arc<str>, Arc<Upstream>>) -> Forward {
+    pub(crate) fn new(upstreams: HashMap<Arc<str>, Arc<Upstream>>) -> Forward {
         Forward { upstreams: Arc::new(upstreams) }
     }
 }

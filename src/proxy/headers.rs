@@ -28,7 +28,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// Request fields that make origins run another method or serve another path than
 /// the request line says (Rails, Laravel, Symfony, ASP.NET, IIS URL Rewrite, Spring…).
 /// tollgate priced the request line, so these never reach an upstream.
-pub const OVERRIDES: &[&str] = &[
+pub(crate) const OVERRIDES: &[&str] = &[
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
@@ -39,7 +39,7 @@ pub const OVERRIDES: &[&str] = &[
 
 /// Removes hop-by-hop fields and those named in `Connection`.
 /// `TE: trailers` is kept: it is the one TE value an end-to-end trailer exchange needs.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -68,7 +68,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The `Upgrade` protocol a request asks for, if it is an HTTP/1.1 upgrade request
 /// (`Connection: upgrade` plus `Upgrade: <proto>`).
-pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -83,28 +83,28 @@ pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Turns an upgrade request into a plain one (the route does not allow its protocol).
-pub fn drop_upgrade(headers: &mut HeaderMap) {
+pub(crate) fn drop_upgrade(headers: &mut HeaderMap) {
     headers.remove(header::CONNECTION);
     headers.remove(header::UPGRADE);
 }
 
 /// Who sent the request, as far as the configured trusted proxies let us tell.
 #[derive(Debug, Clone)]
-pub struct TrustedProxies(Vec<ipnet::IpNet>);
+pub(crate) struct TrustedProxies(Vec<ipnet::IpNet>);
 
 impl TrustedProxies {
-    pub fn new(nets: Vec<ipnet::IpNet>) -> Self {
+    pub(crate) fn new(nets: Vec<ipnet::IpNet>) -> Self {
         TrustedProxies(nets)
     }
 
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.0.iter().any(|n| n.contains(&ip))
     }
 
     /// The client address: the peer, or — when the peer is a trusted proxy — the
     /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
-    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    pub(crate) fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer);
         if !self.contains(peer) {
             return peer;
@@ -137,7 +137,7 @@ impl TrustedProxies {
     /// `X-Forwarded-Host` is the `Host` the client sent, port included (as Go's
     /// `ReverseProxy`, Traefik and Envoy do), so an upstream can rebuild its public
     /// URLs; `host` is used only when the request has no `Host` field.
-    pub fn set_forwarded(&self, headers: &mut HeaderMap, peer: IpAddr, proto: &'static str, host: Option<&str>) {
+    pub(crate) fn set_forwarded(&self, headers: &mut HeaderMap, peer: IpAddr, proto: &'static str, host: Option<&str>) {
         let peer = canonical(peer);
         let trusted = self.contains(peer);
         let xff = if trusted {

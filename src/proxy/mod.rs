@@ -5,9 +5,9 @@
 //! included. Nothing is buffered whole.
 
 mod forward;
-pub mod headers;
+pub(crate) mod headers;
 
-pub use forward::Forward;
+pub(crate) use forward::Forward;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -31,11 +31,11 @@ use crate::config::UpstreamConfig;
 use crate::metrics::{Metrics, UpstreamLabel};
 use crate::Body;
 
-pub type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub(crate) type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// Settings of an outgoing connection pool (upstreams, facilitators).
 #[derive(Debug, Clone, Copy)]
-pub struct PoolSettings<'a> {
+pub(crate) struct PoolSettings<'a> {
     pub connect_timeout: Duration,
     /// PEM CA bundle to trust instead of the web PKI roots.
     pub ca: Option<&'a std::path::Path>,
@@ -44,7 +44,7 @@ pub struct PoolSettings<'a> {
 }
 
 /// A pooled HTTP/1.1 client for `http://` and `https://` URLs (rustls).
-pub fn pooled_client<B>(p: PoolSettings<'_>) -> Result<Client<HttpsConnector, B>, String>
+pub(crate) fn pooled_client<B>(p: PoolSettings<'_>) -> Result<Client<HttpsConnector, B>, String>
 where
     B: http_body::Body + Send,
     B::Data: Send,
@@ -67,7 +67,7 @@ where
 
 /// Facts about the client connection, put in each request's extensions by the server.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
 }
@@ -96,7 +96,7 @@ pub enum Malformed {
 /// - `Host` is made to agree with the request target's authority when there is one
 ///   (HTTP/2 `:authority`, HTTP/1.1 absolute-form; RFC 9112 §3.2.2);
 /// - requests that cannot be proxied safely are refused.
-pub fn prepare_request<B>(req: &mut Request<B>) -> Result<(), Malformed> {
+pub(crate) fn prepare_request<B>(req: &mut Request<B>) -> Result<(), Malformed> {
     if let Some(canonical) = canonical_method(req.method()) {
         *req.method_mut() = canonical;
     }
@@ -176,7 +176,7 @@ impl ProxyError {
 }
 
 /// One configured upstream with its own connection pool.
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub name: Arc<str>,
     scheme: Scheme,
     authority: Authority,
@@ -195,7 +195,7 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// Builds an upstream from validated config.
-    pub fn new(cfg: &UpstreamConfig, metrics: &Metrics) -> Result<Upstream, String> {
+    pub(crate) fn new(cfg: &UpstreamConfig, metrics: &Metrics) -> Result<Upstream, String> {
         let uri = cfg.url.uri();
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
         let authority = uri.authority().cloned().ok_or_else(|| format!("upstream {}: url has no host", cfg.name))?;
@@ -249,7 +249,7 @@ impl Upstream {
 
     /// Forwards `req` (already through [`prepare_request`]) and returns the upstream's
     /// response with a streaming body.
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         mut req: Request<Incoming>,
         strip_prefix: Option<&str>,
@@ -333,7 +333,7 @@ impl Upstream {
 
 /// The client's request body on its way upstream. It streams untouched; it only notes
 /// whether reading it failed, so that failure is answered 400 rather than 502.
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     inner: Incoming,
     failed: Arc<AtomicBool>,
 }

@@ -18,17 +18,17 @@ use tollgate::ledger::sqlite::{SqliteLedger, SqliteOptions, SCHEMA_VERSION};
 use tollgate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, TxKind};
 use tollgate::money::Micros;
 
-pub mod suite {
+pub(crate) mod suite {
     use super::*;
     use tollgate::ledger::{CreditOutcome, Cursor, Settlement, Transaction, TxQuery, KEY_PREFIX};
 
-    pub const PRICE: Micros = Micros(2_000);
+    pub(crate) const PRICE: Micros = Micros(2_000);
     const ROUTE: &str = "/v1/chat";
     const HOUR: Duration = Duration::from_secs(3600);
     /// Enough to read every row a case writes.
     const ALL: usize = 100_000;
 
-    pub fn req<'a>(secret: &str, amount: Micros, request_id: &'a str) -> HoldRequest<'a> {
+    pub(crate) fn req<'a>(secret: &str, amount: Micros, request_id: &'a str) -> HoldRequest<'a> {
         HoldRequest { secret: SecretHash::of(secret), amount, route: ROUTE, request_id, spend_cap: None }
     }
 
@@ -67,7 +67,7 @@ pub mod suite {
         assert_eq!(balance(l, id).await, Micros(expected), "balance = Σcredit − Σdebit + Σrefund for {id}");
     }
 
-    pub async fn case_create_key(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_create_key(l: Arc<dyn Ledger>) {
         let k = l.create_key(Some("alice"), Micros(5_000_000)).await.unwrap();
         assert_eq!(k.balance, Micros(5_000_000));
         let random = k.key.strip_prefix(KEY_PREFIX).expect("secret starts with tg_live_");
@@ -109,7 +109,7 @@ pub mod suite {
         assert_eq!(balance(&l, &k.id).await, Micros(5_000_000));
     }
 
-    pub async fn case_capture(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_capture(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(10_000)).await.unwrap();
         let outcome = l.authorize(req(&k.key, PRICE, "req-1")).await.unwrap();
         let HoldOutcome::Held { hold, key_id, balance: left } = outcome else {
@@ -144,7 +144,7 @@ pub mod suite {
         assert_invariant(&l, &k.id).await;
     }
 
-    pub async fn case_release(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_release(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(10_000)).await.unwrap();
         let hold = hold(&l, &k.key, Micros(3_000), "req-9").await;
         assert_eq!(balance(&l, &k.id).await, Micros(7_000));
@@ -171,7 +171,7 @@ pub mod suite {
         assert_invariant(&l, &k.id).await;
     }
 
-    pub async fn case_insufficient(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_insufficient(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(5_000)).await.unwrap();
         let outcome = l.authorize(req(&k.key, Micros(5_001), "r")).await.unwrap();
         assert_eq!(outcome, HoldOutcome::Insufficient { key_id: k.id.clone(), balance: Micros(5_000) });
@@ -193,7 +193,7 @@ pub mod suite {
         assert_invariant(&l, &k.id).await;
     }
 
-    pub async fn case_revoked_and_unknown(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_revoked_and_unknown(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(10_000)).await.unwrap();
         assert!(l.revoke(&k.id).await.unwrap());
         assert!(l.revoke(&k.id).await.unwrap(), "revoking twice is fine");
@@ -211,7 +211,7 @@ pub mod suite {
         assert_eq!(rows(&l, &k.id).await.len(), 1);
     }
 
-    pub async fn case_race(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_race(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(20 * PRICE.get())).await.unwrap();
         let tasks: Vec<_> = (0..200)
             .map(|i| {
@@ -241,7 +241,7 @@ pub mod suite {
         assert_invariant(&l, &k.id).await;
     }
 
-    pub async fn case_idempotent_credit(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_idempotent_credit(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(1_000)).await.unwrap();
         let first = l.credit(&k.id, Micros(500), Some("topup-1")).await.unwrap();
         assert_eq!(first, CreditOutcome { balance: Micros(1_500), applied: true });
@@ -338,7 +338,7 @@ pub mod suite {
         assert_invariant(&l, &k2.id).await;
     }
 
-    pub async fn case_spend_cap(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_spend_cap(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(1_000_000)).await.unwrap();
         let cap = Micros(3 * PRICE.get());
         let capped = |id: &'static str| HoldRequest { spend_cap: Some((cap, HOUR)), ..req(&k.key, PRICE, id) };
@@ -373,7 +373,7 @@ pub mod suite {
         assert_invariant(&l, &k.id).await;
     }
 
-    pub async fn case_release_stale_holds(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_release_stale_holds(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(100_000)).await.unwrap();
         let other = l.create_key(None, Micros(100_000)).await.unwrap();
         let a = hold(&l, &k.key, Micros(1_000), "a").await;
@@ -400,7 +400,7 @@ pub mod suite {
         assert_invariant(&l, &other.id).await;
     }
 
-    pub async fn case_nonces(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_nonces(l: Arc<dyn Ledger>) {
         let payer = "0xAbCdEf0123456789aBcDeF0123456789AbCdEf01";
         let far = 4_000_000_000;
         assert!(l.reserve_nonce(payer, "0xAA01", far).await.unwrap());
@@ -434,7 +434,7 @@ pub mod suite {
         assert!(matches!(l.reserve_nonce(payer, "0x1", u64::MAX).await, Err(LedgerError::Overflow)));
     }
 
-    pub async fn case_transactions_order(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_transactions_order(l: Arc<dyn Ledger>) {
         let a = l.create_key(None, Micros(10_000)).await.unwrap();
         let b = l.create_key(None, Micros(20_000)).await.unwrap();
         let h = hold(&l, &a.key, Micros(1_000), "a1").await;
@@ -494,7 +494,7 @@ pub mod suite {
     /// A revocation or a top-up made through another handle (another process, as
     /// `tollgate keys` is to the gateway) holds for the very next hold: no delay, no
     /// retry.
-    pub async fn case_other_process_revocations_and_top_ups(l: Arc<dyn Ledger>, other: Arc<dyn Ledger>) {
+    pub(crate) async fn case_other_process_revocations_and_top_ups(l: Arc<dyn Ledger>, other: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(3_000)).await.unwrap();
         // The gateway has served the key: whatever it keeps of it is warm.
         let first = hold(&l, &k.key, PRICE, "a").await;
@@ -540,7 +540,7 @@ pub mod suite {
     /// Rows written by the gateway and by another process, interleaved, list newest
     /// first by time, and paging with any limit reads each exactly once, also while
     /// rows are written and holds close between pages.
-    pub async fn case_other_process_transactions_page(l: Arc<dyn Ledger>, other: Arc<dyn Ledger>) {
+    pub(crate) async fn case_other_process_transactions_page(l: Arc<dyn Ledger>, other: Arc<dyn Ledger>) {
         let a = l.create_key(None, Micros(1_000_000)).await.unwrap();
         let b = other.create_key(None, Micros(1_000_000)).await.unwrap();
         let mut open = Vec::new();
@@ -613,7 +613,7 @@ pub mod suite {
         assert_invariant(&l, &b.id).await;
     }
 
-    pub async fn case_settlements(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_settlements(l: Arc<dyn Ledger>) {
         assert_eq!(l.settlements(10).await.unwrap(), []);
         let first = Settlement {
             rail: "x402".into(),
@@ -636,7 +636,7 @@ pub mod suite {
         assert_eq!(l.settlements(10).await.unwrap().len(), 2);
     }
 
-    pub async fn case_ping(l: Arc<dyn Ledger>) {
+    pub(crate) async fn case_ping(l: Arc<dyn Ledger>) {
         l.ping().await.unwrap();
         l.ping().await.unwrap();
     }

@@ -16,11 +16,11 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 /// The transaction hash every successful fake settlement reports.
-pub const TX_HASH: &str = "0x6a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+pub(crate) const TX_HASH: &str = "0x6a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
 /// How `/verify` answers.
 #[derive(Debug, Clone)]
-pub enum Verify {
+pub(crate) enum Verify {
     /// 200 `{"isValid":true,"payer":from}`.
     Valid,
     /// 200 `{"isValid":false,"invalidReason":…}`.
@@ -33,7 +33,7 @@ pub enum Verify {
 
 /// How `/settle` answers.
 #[derive(Debug, Clone)]
-pub enum Settle {
+pub(crate) enum Settle {
     /// 200 `{"success":true,"transaction":TX_HASH,…}`.
     Success,
     /// 200 `{"success":false,"errorReason":…}`.
@@ -44,7 +44,7 @@ pub enum Settle {
 
 /// One call as the fake received it.
 #[derive(Debug, Clone)]
-pub struct Call {
+pub(crate) struct Call {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
@@ -63,14 +63,14 @@ struct State {
 }
 
 #[derive(Clone)]
-pub struct FakeFacilitator {
+pub(crate) struct FakeFacilitator {
     pub addr: SocketAddr,
     state: Arc<State>,
 }
 
 impl FakeFacilitator {
     /// Starts a fake that answers valid / success and requires `required_headers`.
-    pub async fn start(required_headers: &[(&str, &str)]) -> FakeFacilitator {
+    pub(crate) async fn start(required_headers: &[(&str, &str)]) -> FakeFacilitator {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -110,39 +110,39 @@ impl FakeFacilitator {
         FakeFacilitator { addr, state }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
-    pub fn verify_calls(&self) -> usize {
+    pub(crate) fn verify_calls(&self) -> usize {
         self.state.verify_calls.load(Ordering::SeqCst)
     }
-    pub fn settle_calls(&self) -> usize {
+    pub(crate) fn settle_calls(&self) -> usize {
         self.state.settle_calls.load(Ordering::SeqCst)
     }
-    pub fn supported_calls(&self) -> usize {
+    pub(crate) fn supported_calls(&self) -> usize {
         self.state.supported_calls.load(Ordering::SeqCst)
     }
-    pub fn set_verify(&self, v: Verify) {
+    pub(crate) fn set_verify(&self, v: Verify) {
         *self.state.verify.lock().unwrap() = v;
     }
-    pub fn set_settle(&self, s: Settle) {
+    pub(crate) fn set_settle(&self, s: Settle) {
         *self.state.settle.lock().unwrap() = s;
     }
-    pub fn set_supported(&self, v: Value) {
+    pub(crate) fn set_supported(&self, v: Value) {
         *self.state.supported.lock().unwrap() = v;
     }
     /// Every call received, in order.
-    pub fn calls(&self) -> Vec<Call> {
+    pub(crate) fn calls(&self) -> Vec<Call> {
         self.state.calls.lock().unwrap().clone()
     }
     /// What the fake found wrong in what tollgate sent (empty when all was right).
-    pub fn problems(&self) -> Vec<String> {
+    pub(crate) fn problems(&self) -> Vec<String> {
         self.state.problems.lock().unwrap().clone()
     }
 }
 
 /// A URL on which nothing listens (a facilitator that is down).
-pub async fn closed_port_url() -> String {
+pub(crate) async fn closed_port_url() -> String {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     drop(l);

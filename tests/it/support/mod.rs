@@ -3,8 +3,8 @@
 //! small HTTP client.
 #![allow(dead_code)]
 
-pub mod facilitator;
-pub mod pg;
+pub(crate) mod facilitator;
+pub(crate) mod pg;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,7 +30,7 @@ use tollgate::Body;
 
 /// What an upstream saw of one request.
 #[derive(Debug, Clone)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub method: Method,
     pub uri: String,
     pub headers: HeaderMap,
@@ -38,26 +38,26 @@ pub struct Seen {
 
 /// A real HTTP server on 127.0.0.1:0 that counts and records what reaches it.
 #[derive(Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Upstream {
-    pub fn hits(&self) -> usize {
+    pub(crate) fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
-    pub fn last(&self) -> Seen {
+    pub(crate) fn last(&self) -> Seen {
         self.seen.lock().unwrap().last().cloned().expect("upstream saw a request")
     }
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 }
 
 /// Starts an upstream whose responses come from `handler`.
-pub async fn upstream<F, Fut>(handler: F) -> Upstream
+pub(crate) async fn upstream<F, Fut>(handler: F) -> Upstream
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
@@ -92,7 +92,7 @@ where
 }
 
 /// An upstream answering 200 `{"ok":true,"path":...}`.
-pub async fn ok_upstream() -> Upstream {
+pub(crate) async fn ok_upstream() -> Upstream {
     upstream(|req: Request<Incoming>| async move {
         let body = format!("{{\"ok\":true,\"path\":\"{}\"}}", req.uri().path());
         let mut res = Response::new(tollgate::full(body));
@@ -103,7 +103,7 @@ pub async fn ok_upstream() -> Upstream {
 }
 
 /// An upstream answering with `status` and an empty body.
-pub async fn status_upstream(status: u16) -> Upstream {
+pub(crate) async fn status_upstream(status: u16) -> Upstream {
     upstream(move |_req| async move {
         let mut res = Response::new(tollgate::empty());
         *res.status_mut() = StatusCode::from_u16(status).unwrap();
@@ -113,7 +113,7 @@ pub async fn status_upstream(status: u16) -> Upstream {
 }
 
 /// A gateway running in-process on ephemeral ports.
-pub struct Gateway {
+pub(crate) struct Gateway {
     pub running: Option<Running>,
     pub dir: tempfile::TempDir,
     pub ledger: Arc<dyn Ledger>,
@@ -122,36 +122,36 @@ pub struct Gateway {
     pub admin: String,
 }
 
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub(crate) const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 impl Gateway {
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
-    pub fn admin_url(&self, path: &str) -> String {
+    pub(crate) fn admin_url(&self, path: &str) -> String {
         format!("{}{path}", self.admin)
     }
-    pub fn gw(&self) -> &tollgate::gateway::Gateway {
+    pub(crate) fn gw(&self) -> &tollgate::gateway::Gateway {
         &self.running.as_ref().unwrap().gateway
     }
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
     }
     /// Creates a key with `balance` (decimal string); returns (id, secret).
-    pub async fn key(&self, balance: &str) -> (String, String) {
+    pub(crate) async fn key(&self, balance: &str) -> (String, String) {
         let k = self.ledger.create_key(Some("test"), tollgate::money::Micros::parse(balance).unwrap()).await.unwrap();
         (k.id, k.key)
     }
-    pub async fn balance(&self, id: &str) -> tollgate::money::Micros {
+    pub(crate) async fn balance(&self, id: &str) -> tollgate::money::Micros {
         self.ledger.key(id).await.unwrap().unwrap().balance
     }
 }
 
 /// The `[server]`, `[admin]` and `[ledger]` sections every test config starts with.
 /// `{db}` is replaced by a fresh SQLite path.
-pub fn base_config() -> String {
+pub(crate) fn base_config() -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\npublic_url = \"https://api.test\"\nheader_read_timeout = \"2s\"\nshutdown_timeout = \"5s\"\n\n\
 [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[ledger]\npath = \"{{db}}\"\n\n"
@@ -159,11 +159,11 @@ pub fn base_config() -> String {
 }
 
 /// Starts the gateway with `base_config()` followed by `rest` (upstreams, routes, …).
-pub async fn gateway(rest: &str) -> Gateway {
+pub(crate) async fn gateway(rest: &str) -> Gateway {
     gateway_with(rest, app::default_rails()).await
 }
 
-pub async fn gateway_with(rest: &str, rails: tollgate::gateway::RailFactory) -> Gateway {
+pub(crate) async fn gateway_with(rest: &str, rails: tollgate::gateway::RailFactory) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
     let text = format!("{}{rest}", base_config()).replace("{db}", &db.display().to_string());
@@ -172,7 +172,7 @@ pub async fn gateway_with(rest: &str, rails: tollgate::gateway::RailFactory) -> 
 
 /// Like [`gateway`], but `edit` may rewrite the whole config text first (e.g. to set
 /// `header_read_timeout = "500ms"` or add `trusted_proxies` under `[server]`).
-pub async fn gateway_edit(rest: &str, edit: impl FnOnce(String) -> String) -> Gateway {
+pub(crate) async fn gateway_edit(rest: &str, edit: impl FnOnce(String) -> String) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ledger.db");
     let text = edit(format!("{}{rest}", base_config())).replace("{db}", &db.display().to_string());
@@ -180,7 +180,7 @@ pub async fn gateway_edit(rest: &str, edit: impl FnOnce(String) -> String) -> Ga
 }
 
 /// Starts a gateway from complete config text (with `{db}` already replaced).
-pub async fn start_text(dir: tempfile::TempDir, text: &str, rails: tollgate::gateway::RailFactory) -> Gateway {
+pub(crate) async fn start_text(dir: tempfile::TempDir, text: &str, rails: tollgate::gateway::RailFactory) -> Gateway {
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, text).unwrap();
     let cfg = Config::load(&config_path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
@@ -193,31 +193,31 @@ pub async fn start_text(dir: tempfile::TempDir, text: &str, rails: tollgate::gat
 
 /// A response read in full.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
 
 impl Reply {
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
-pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+pub(crate) fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
 /// Sends one request and reads the whole response (10 s bound).
-pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub(crate) async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -232,12 +232,12 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl 
     tokio::time::timeout(Duration::from_secs(10), fut).await.expect("response within 10s")
 }
 
-pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+pub(crate) async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
     send("GET", url, headers, Bytes::new()).await
 }
 
 /// An admin API call with the test admin token.
-pub async fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> Reply {
+pub(crate) async fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> Reply {
     let auth = format!("Bearer {ADMIN_TOKEN}");
     send(
         method,
@@ -249,12 +249,12 @@ pub async fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> Reply 
 }
 
 /// Path to the built `tollgate` binary (for black-box tests).
-pub fn binary() -> PathBuf {
+pub(crate) fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tollgate"))
 }
 
 /// A child process that is killed (by PID) and reaped when dropped, whatever happened.
-pub struct Proc(pub std::process::Child);
+pub(crate) struct Proc(pub std::process::Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -264,12 +264,12 @@ impl Drop for Proc {
 }
 
 /// A port that was free a moment ago (for configs of spawned binaries).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Runs `tollgate ARGS --config CONFIG`; returns (success, stdout, stderr).
-pub fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+pub(crate) fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(binary()).args(args).arg("--config").arg(config).output().unwrap();
     (
         out.status.success(),
@@ -279,14 +279,14 @@ pub fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
 }
 
 /// Parses a command's JSON output, or fails the test showing it.
-pub fn parse_json(s: &str) -> serde_json::Value {
+pub(crate) fn parse_json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
 
 /// The `tollgate keys` round trip every ledger backend must pass, through the built
 /// binary: create (JSON and readable), idempotent credit, show, list, revoke, and the
 /// errors for an unknown key and an over-precise amount. Returns the first key's id.
-pub fn keys_cli_round_trip(cfg: &std::path::Path) -> String {
+pub(crate) fn keys_cli_round_trip(cfg: &std::path::Path) -> String {
     let (ok, out, err) = cli(cfg, &["keys", "create", "--balance", "5.00", "--label", "acme", "--json"]);
     assert!(ok, "{err}");
     let k = parse_json(&out);

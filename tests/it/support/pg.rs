@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Where the server binaries are; the panic message says how to get them.
-pub fn bin_dir() -> PathBuf {
+pub(crate) fn bin_dir() -> PathBuf {
     let has_server = |d: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| d.join(b).is_file());
     if let Some(dir) = std::env::var_os("TOLLGATE_PG_BIN") {
         return PathBuf::from(dir);
@@ -129,7 +129,7 @@ fn reap(pids: &[u32], within: Duration) {
 
 /// One PostgreSQL server in a temp dir. Dropping it stops the server (immediate
 /// shutdown), checks by PID that no server process is left, and removes the dir.
-pub struct Cluster {
+pub(crate) struct Cluster {
     dir: Option<tempfile::TempDir>,
     bin: PathBuf,
     port: u16,
@@ -147,7 +147,7 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// `initdb` and start a server. Blocking (about a second); see [`Cluster::spawn`].
-    pub fn init() -> Cluster {
+    pub(crate) fn init() -> Cluster {
         let bin = bin_dir();
         let as_postgres = is_root();
         let dir = tempfile::Builder::new().prefix("tollgate-pg-").tempdir().expect("temp dir");
@@ -173,15 +173,15 @@ impl Cluster {
     }
 
     /// [`Cluster::init`] off the async runtime's worker threads.
-    pub async fn spawn() -> Cluster {
+    pub(crate) async fn spawn() -> Cluster {
         tokio::task::spawn_blocking(Cluster::init).await.expect("cluster start-up panicked")
     }
 
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         *self.pid.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -194,12 +194,12 @@ impl Cluster {
     }
 
     /// The URL of database `db` (trust authentication, user `postgres`).
-    pub fn url(&self, db: &str) -> String {
+    pub(crate) fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
     /// `CREATE DATABASE t_<n>`; returns its URL.
-    pub async fn create_db(&self) -> String {
+    pub(crate) async fn create_db(&self) -> String {
         let name = format!("t_{}", self.next_db.fetch_add(1, Ordering::SeqCst));
         let (client, conn) = tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
             .await
@@ -213,7 +213,7 @@ impl Cluster {
 
     /// Starts the server (again) on the same port and data dir; waits until it accepts
     /// connections.
-    pub fn start(&self) {
+    pub(crate) fn start(&self) {
         let dir = self.dir().display().to_string();
         // `fsync=off` loses nothing when only the server stops (the OS keeps what was
         // written); `synchronous_commit` stays on, else an immediate stop (`stop`) loses
@@ -237,7 +237,7 @@ impl Cluster {
 
     /// Stops the server at once (`pg_ctl stop -m immediate`), and makes sure by PID that
     /// the postmaster and every process it had started are gone.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let Some(pid) = self.pid.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let mut pids = children(pid);
         pids.push(pid);

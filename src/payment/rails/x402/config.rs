@@ -51,19 +51,19 @@ pub struct RawOffer {
 }
 
 mod defaults {
-    pub fn asset_name() -> String {
+    pub(super) fn asset_name() -> String {
         "USDC".into()
     }
-    pub fn asset_version() -> String {
+    pub(super) fn asset_version() -> String {
         "2".into()
     }
-    pub fn asset_symbol() -> String {
+    pub(super) fn asset_symbol() -> String {
         "USDC".into()
     }
-    pub fn max_timeout_seconds() -> u64 {
+    pub(super) fn max_timeout_seconds() -> u64 {
         60
     }
-    pub fn facilitator_timeout() -> String {
+    pub(super) fn facilitator_timeout() -> String {
         "10s".into()
     }
 }
