@@ -17,9 +17,11 @@
 //!
 //! Code outside this folder does not write SQL.
 
-pub mod holds;
 pub mod postgres;
 pub mod sqlite;
+
+/// The SQLite ledger's book of open holds, at the path it always had.
+pub use self::sqlite::holds;
 
 use std::time::Duration;
 

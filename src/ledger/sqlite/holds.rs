@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{HoldId, HoldOutcome, SecretHash, Transaction, TxKind};
+use crate::ledger::{HoldId, HoldOutcome, SecretHash, Transaction, TxKind};
 use crate::money::Micros;
 
 /// Ids the writer reserves at a time.
