@@ -69,12 +69,10 @@
 //!
 //! # Schema
 //!
-//! Numbered migrations ([`MIGRATIONS`]) recorded in `schema_migrations`. They run at
-//! start-up in one transaction that first takes `pg_advisory_xact_lock`, so replicas
-//! starting together apply them once, one after the other. Amounts are `BIGINT`
-//! micro-units with `CHECK (balance >= 0)`; values above `i64::MAX` are refused with
-//! [`LedgerError::Overflow`]. Use a database of its own for tollgate: the table names
-//! (`keys`, `transactions`, …) are plain.
+//! `schema.sql`, applied through numbered migrations ([`MIGRATIONS`], `schema.rs`) at
+//! start-up under an advisory lock, so replicas starting together apply them once. Use
+//! a database of its own for tollgate: the table names (`keys`, `transactions`, …) are
+//! plain.
 
 mod batch;
 mod pool;
@@ -92,7 +90,7 @@ use tokio_postgres::Config as PgConfig;
 use self::batch::{capture_loop, hold_loop, Batchers, HoldJob};
 pub use self::batch::{CAPTURE_MANY, MAX_BATCH};
 use self::pool::{describe, Connector};
-pub use self::schema::{MIGRATIONS, MIGRATION_LOCK, SCHEMA_VERSION};
+pub use self::schema::{MIGRATIONS, MIGRATION_LOCK, SCHEMA, SCHEMA_VERSION};
 use self::sql::*;
 use super::{
     generate_key, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey, Result,

@@ -1,6 +1,10 @@
-//! The PostgreSQL ledger's schema and its numbered migrations, recorded in
-//! `schema_migrations` and applied at start-up under an advisory lock, so replicas
-//! starting together apply them once.
+//! The PostgreSQL ledger's schema (`schema.sql`) and its numbered migrations, recorded
+//! in `schema_migrations`. They run at start-up in one transaction that first takes
+//! `pg_advisory_xact_lock`, so replicas starting together apply them once, one after
+//! the other. Amounts are `BIGINT` micro-units with `CHECK (balance >= 0)`; values
+//! above `i64::MAX` are refused with `LedgerError::Overflow` (`ledger::rows`). Use a
+//! database of its own for tollgate: the table names (`keys`, `transactions`, …) are
+//! plain.
 
 use std::time::Duration;
 
@@ -13,89 +17,29 @@ use crate::ledger::{LedgerError, Result};
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// `pg_advisory_xact_lock` key that serialises migrations: "tollgate" in ASCII.
 pub const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
+/// The tables and indexes as the migrations leave them.
+pub const SCHEMA: &str = include_str!("schema.sql");
+
 /// Schema version a database has once every migration is applied.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
-/// Migration `n` (1-based) is `MIGRATIONS[n - 1]`. Append only; never edit a shipped one.
+/// Migration `n` (1-based) is `MIGRATIONS[n - 1]`. Append only.
+///
+/// A new database gets the whole of [`SCHEMA`] as migration 1, and the steps after it
+/// change nothing there. A database made by the first migration 1 (tables with the
+/// first listing indexes) is at version 1, and migration 2 brings it to [`SCHEMA`]: so
+/// each step after the first must be idempotent (`IF NOT EXISTS`, `IF EXISTS`).
 pub const MIGRATIONS: &[&str] = &[
-    // 1: keys, transactions, x402 nonces, settlements, health.
-    r#"
-    CREATE TABLE keys (
-        -- Creation order, for listings (ids are random).
-        seq         BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
-        id          TEXT PRIMARY KEY,
-        secret_hash BYTEA NOT NULL UNIQUE CHECK (length(secret_hash) = 32),
-        label       TEXT,
-        balance     BIGINT NOT NULL CHECK (balance >= 0),
-        revoked     BOOLEAN NOT NULL DEFAULT false,
-        created_at  BIGINT NOT NULL DEFAULT floor(extract(epoch FROM now()))::bigint
-    );
-
-    CREATE TABLE transactions (
-        id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        key_id          TEXT NOT NULL REFERENCES keys (id),
-        kind            TEXT NOT NULL CHECK (kind IN ('credit', 'debit', 'refund')),
-        amount          BIGINT NOT NULL CHECK (amount > 0),
-        route           TEXT,
-        request_id      TEXT,
-        -- A debit is a hold: pending, then captured or released. Others have no status.
-        status          TEXT CHECK (
-            (kind = 'debit' AND status IS NOT NULL
-                AND status IN ('pending', 'captured', 'released'))
-            OR (kind <> 'debit' AND status IS NULL)),
-        idempotency_key TEXT CHECK (idempotency_key IS NULL OR kind = 'credit'),
-        created_at      BIGINT NOT NULL DEFAULT floor(extract(epoch FROM now()))::bigint
-    );
-
-    CREATE UNIQUE INDEX transactions_idempotency
-        ON transactions (key_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
-    CREATE INDEX transactions_key_id ON transactions (key_id, id);
-    CREATE INDEX transactions_key_created ON transactions (key_id, created_at);
-    CREATE INDEX transactions_pending
-        ON transactions (created_at) WHERE kind = 'debit' AND status = 'pending';
-
-    -- Payer and nonce are stored lower-cased: hex is case-insensitive.
-    CREATE TABLE x402_nonces (
-        payer        TEXT NOT NULL,
-        nonce        TEXT NOT NULL,
-        valid_before BIGINT NOT NULL,
-        PRIMARY KEY (payer, nonce)
-    );
-    CREATE INDEX x402_nonces_valid_before ON x402_nonces (valid_before);
-
-    CREATE TABLE settlements (
-        id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        rail       TEXT NOT NULL,
-        payer      TEXT NOT NULL,
-        amount     BIGINT NOT NULL CHECK (amount >= 0),
-        asset      TEXT NOT NULL,
-        network    TEXT NOT NULL,
-        tx_hash    TEXT NOT NULL,
-        route      TEXT NOT NULL,
-        request_id TEXT NOT NULL,
-        created_at BIGINT NOT NULL DEFAULT floor(extract(epoch FROM now()))::bigint
-    );
-
-    -- One row, rewritten by ping: readiness proves the database is writable (a
-    -- read-only standby after a failover is not ready).
-    CREATE TABLE health (
-        id         INTEGER PRIMARY KEY CHECK (id = 1),
-        checked_at BIGINT NOT NULL
-    );
-    "#,
+    SCHEMA,
     // 2: listings ordered by time (`created_at`, then id), which also serves what the
     // (key_id, created_at) index did; idempotency keys looked up across keys (a reuse
     // on another key is a conflict).
-    r#"
-    CREATE INDEX transactions_created ON transactions (created_at, id);
-    CREATE INDEX transactions_key_created_id ON transactions (key_id, created_at, id);
-    DROP INDEX transactions_key_created;
-    CREATE INDEX transactions_idempotency_key
-        ON transactions (idempotency_key) WHERE idempotency_key IS NOT NULL;
-    "#,
+    "CREATE INDEX IF NOT EXISTS transactions_created ON transactions (created_at, id);
+     CREATE INDEX IF NOT EXISTS transactions_key_created_id ON transactions (key_id, created_at, id);
+     DROP INDEX IF EXISTS transactions_key_created;
+     CREATE INDEX IF NOT EXISTS transactions_idempotency_key
+         ON transactions (idempotency_key) WHERE idempotency_key IS NOT NULL;",
 ];
-
-/// Pool and timeout settings (`[ledger]` `pool_size`, `statement_timeout`).
 
 // === impl PostgresLedger ===
 

@@ -54,11 +54,8 @@
 //!
 //! # Schema
 //!
-//! Migrations are numbered (the position in [`MIGRATIONS`]) and tracked with
-//! `PRAGMA user_version`; those not yet applied run in one transaction at open, so
-//! re-opening an up-to-date database changes nothing. Amounts are `INTEGER` (i64) in
-//! SQLite and [`Micros`] (u64) in Rust; values above `i64::MAX` are refused with
-//! [`LedgerError::Overflow`].
+//! `schema.sql`, applied through numbered migrations ([`MIGRATIONS`], `schema.rs`)
+//! tracked with `PRAGMA user_version`, in one transaction at open.
 
 mod book_sync;
 pub mod holds;
@@ -78,7 +75,7 @@ use tokio::sync::mpsc;
 use self::book_sync::{BookSync, Watch};
 use self::holds::{Attempt, Book};
 use self::schema::migrate;
-pub use self::schema::{MIGRATIONS, SCHEMA_VERSION};
+pub use self::schema::{MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 use self::sql::*;
 pub use self::writer::MAX_BATCH;
 use self::writer::{courier_loop, read_loop, write_loop, Checkpointer, Tx, Worker};
