@@ -18,6 +18,7 @@
 //! Code outside this folder does not write SQL.
 
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 /// The SQLite ledger's book of open holds, at the path it always had.

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_postgres::types::Type;
 
-use super::sql::{micros, no_hold};
 use super::PostgresLedger;
+use crate::ledger::rows::{from_db, no_hold};
 use crate::ledger::{HoldId, HoldOutcome, LedgerError, Result, SecretHash};
 
 pub(super) struct Batchers {
@@ -70,7 +70,7 @@ impl PostgresLedger {
                     *o = Some(HoldOutcome::Held {
                         hold: HoldId(row.try_get(1)?),
                         key_id: row.try_get(2)?,
-                        balance: micros(row.try_get(3)?),
+                        balance: from_db(row.try_get(3)?)?,
                     });
                 }
             }
@@ -85,7 +85,7 @@ impl PostgresLedger {
                     let secret: Vec<u8> = row.try_get(0)?;
                     keys.insert(
                         secret,
-                        (row.try_get::<_, String>(1)?, row.try_get::<_, bool>(2)?, micros(row.try_get(3)?)),
+                        (row.try_get::<_, String>(1)?, row.try_get::<_, bool>(2)?, from_db(row.try_get(3)?)?),
                     );
                 }
             }

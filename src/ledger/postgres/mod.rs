@@ -92,6 +92,10 @@ pub use self::batch::{CAPTURE_MANY, MAX_BATCH};
 use self::pool::{describe, Connector};
 pub use self::schema::{MIGRATIONS, MIGRATION_LOCK, SCHEMA, SCHEMA_VERSION};
 use self::sql::*;
+use super::rows::{
+    credit_amount, from_db, hold_amount, int_to_db, no_hold, nonce_key, repeated_top_up, saturating, seconds, to_db,
+    KEY_COLUMNS, TX_COLUMNS,
+};
 use super::{
     generate_key, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey, Result,
     SecretHash, Settlement, TxPage, TxQuery,
@@ -248,10 +252,7 @@ impl Ledger for PostgresLedger {
     }
 
     async fn credit(&self, id: &str, amount: Micros, idempotency_key: Option<&str>) -> Result<CreditOutcome> {
-        let delta = to_db(amount)?;
-        if delta == 0 {
-            return Err(LedgerError::Other("a credit must be a positive amount".into()));
-        }
+        let delta = credit_amount(amount)?;
         // The credit row and the balance move together or not at all; a second top-up
         // with the same idempotency key inserts nothing, so moves nothing. A balance
         // past i64::MAX fails the statement (SQLSTATE 22003: Overflow).
@@ -281,27 +282,23 @@ impl Ledger for PostgresLedger {
                          ORDER BY key_id = $1 DESC LIMIT 1",
                     )
                     .await?;
-                if let Some(row) = tx.query_opt(&stmt, &[&id, &idem]).await? {
-                    let (key_id, seen): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
-                    if key_id != id || seen != delta {
-                        return Err(LedgerError::IdempotencyConflict {
-                            idempotency_key: idem.to_owned(),
-                            key_id,
-                            amount: micros(seen),
-                        });
-                    }
-                }
+                let seen = match tx.query_opt(&stmt, &[&id, &idem]).await? {
+                    Some(row) => Some((row.try_get(0)?, row.try_get(1)?)),
+                    None => None,
+                };
+                // A repeat goes on: the insert below then finds the row and does nothing.
+                repeated_top_up(idem, id, delta, seen)?;
             }
             let stmt = tx.prepare_cached(CREDIT).await?;
             if let Some(row) = tx.query_opt(&stmt, &[&id, &delta, &idempotency_key]).await? {
-                let balance = micros(row.try_get(0)?);
+                let balance = from_db(row.try_get(0)?)?;
                 tx.commit().await?;
                 return Ok(CreditOutcome { balance, applied: true });
             }
             // Nothing applied: no such key, or this top-up was seen before.
             let stmt = tx.prepare_cached("SELECT balance FROM keys WHERE id = $1").await?;
             match tx.query_opt(&stmt, &[&id]).await? {
-                Some(row) => Ok(CreditOutcome { balance: micros(row.try_get(0)?), applied: false }),
+                Some(row) => Ok(CreditOutcome { balance: from_db(row.try_get(0)?)?, applied: false }),
                 None => Err(LedgerError::NoSuchKey(id.to_owned())),
             }
         })
@@ -312,10 +309,7 @@ impl Ledger for PostgresLedger {
     /// The spend cap counts debits taken in the window that are pending or captured: a
     /// released hold is not spending (its refund cancels it).
     async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome> {
-        let amount = to_db(req.amount)?;
-        if amount == 0 {
-            return Err(LedgerError::Other("a hold must be for a positive amount (free routes take no hold)".into()));
-        }
+        let amount = hold_amount(req.amount)?;
         let HoldRequest { secret, amount: requested, route, request_id, spend_cap } = req;
         let secret_bytes = &secret.0[..];
         let Some((cap, window)) = spend_cap else {
@@ -336,7 +330,7 @@ impl Ledger for PostgresLedger {
             if key.try_get::<_, bool>(1)? {
                 return Ok(HoldOutcome::Revoked { key_id });
             }
-            let balance = micros(key.try_get(2)?);
+            let balance = from_db(key.try_get(2)?)?;
             let stmt = tx
                 .prepare_cached(
                     "SELECT coalesce(sum(amount), 0)::bigint FROM transactions
@@ -344,7 +338,7 @@ impl Ledger for PostgresLedger {
                        AND kind = 'debit' AND status IN ('pending', 'captured')",
                 )
                 .await?;
-            let spent = micros(tx.query_one(&stmt, &[&key_id, &window]).await?.try_get(0)?);
+            let spent = from_db(tx.query_one(&stmt, &[&key_id, &window]).await?.try_get(0)?)?;
             if spent.checked_add(requested).is_none_or(|total| total > cap) {
                 return Ok(HoldOutcome::SpendCapReached { key_id, spent, cap });
             }
@@ -431,7 +425,7 @@ impl Ledger for PostgresLedger {
     }
 
     async fn transaction_page(&self, query: TxQuery<'_>) -> Result<TxPage> {
-        let limit = i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let limit = saturating(query.limit.saturating_add(1));
         let before = query.before.map(|c| (c.created_at, c.id));
         self.run(async |c| {
             // One statement text per shape, so each is planned on its index:
@@ -457,9 +451,8 @@ impl Ledger for PostgresLedger {
     }
 
     async fn reserve_nonce(&self, payer: &str, nonce: &str, valid_before: u64) -> Result<bool> {
-        let valid_before = i64::try_from(valid_before).map_err(|_| LedgerError::Overflow)?;
-        let payer = payer.to_lowercase();
-        let nonce = nonce.to_lowercase();
+        let valid_before = int_to_db(valid_before)?;
+        let (payer, nonce) = nonce_key(payer, nonce);
         self.run(async |c| {
             let stmt = c
                 .prepare_cached(
@@ -473,7 +466,7 @@ impl Ledger for PostgresLedger {
     }
 
     async fn purge_nonces(&self, now: u64) -> Result<u64> {
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        let now = saturating(now);
         self.run(async |c| {
             let stmt = c.prepare_cached("DELETE FROM x402_nonces WHERE valid_before < $1").await?;
             Ok(c.execute(&stmt, &[&now]).await?)
@@ -482,7 +475,7 @@ impl Ledger for PostgresLedger {
     }
 
     async fn record_settlement(&self, s: &Settlement) -> Result<()> {
-        let amount = i64::try_from(s.amount).map_err(|_| LedgerError::Overflow)?;
+        let amount = int_to_db(s.amount)?;
         self.run(async |c| {
             let stmt = c
                 .prepare_cached(
@@ -498,7 +491,7 @@ impl Ledger for PostgresLedger {
     }
 
     async fn settlements(&self, limit: usize) -> Result<Vec<Settlement>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = saturating(limit);
         self.run(async |c| {
             let stmt = c
                 .prepare_cached(
@@ -513,7 +506,7 @@ impl Ledger for PostgresLedger {
                     Ok(Settlement {
                         rail: r.try_get(0)?,
                         payer: r.try_get(1)?,
-                        amount: u64::try_from(r.try_get::<_, i64>(2)?).unwrap_or(0),
+                        amount: from_db(r.try_get(2)?)?.get(),
                         asset: r.try_get(3)?,
                         network: r.try_get(4)?,
                         tx_hash: r.try_get(5)?,

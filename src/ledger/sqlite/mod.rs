@@ -79,6 +79,10 @@ pub use self::schema::{MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 use self::sql::*;
 pub use self::writer::MAX_BATCH;
 use self::writer::{courier_loop, read_loop, write_loop, Checkpointer, Tx, Worker};
+use super::rows::{
+    credit_amount, hold_amount, int_to_db, no_hold, nonce_key, repeated_top_up, saturating, seconds, to_db, KeyRow,
+    TxRow, KEY_COLUMNS, TX_COLUMNS,
+};
 use super::{
     generate_key, CreditOutcome, Cursor, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey,
     Result, SecretHash, Settlement, Transaction, TxPage, TxQuery,
@@ -205,7 +209,7 @@ impl SqliteLedger {
 
     /// Stored rows of `query`, newest first, at most `limit`.
     async fn stored_transactions(&self, query: TxQuery<'_>, limit: usize) -> Result<Vec<Transaction>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = saturating(limit);
         let key = query.key.map(str::to_owned);
         let before = query.before;
         self.read(move |conn| {
@@ -226,9 +230,9 @@ impl SqliteLedger {
             args.push(limit.into());
             let rows = conn
                 .prepare_cached(&sql)?
-                .query_map(rusqlite::params_from_iter(args), transaction)?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
+                .query_map(rusqlite::params_from_iter(args), tx_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(TxRow::into_transaction).collect()
         })
         .await
     }
@@ -317,7 +321,7 @@ impl Ledger for SqliteLedger {
         let key = self
             .read(move |conn| {
                 let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = ?1");
-                Ok(conn.prepare_cached(&sql)?.query_row([&id], key_info).optional()?)
+                conn.prepare_cached(&sql)?.query_row([&id], key_row).optional()?.map(KeyRow::into_info).transpose()
             })
             .await?;
         Ok(key.map(|k| less_held(k, &held)))
@@ -328,8 +332,8 @@ impl Ledger for SqliteLedger {
         let keys: Vec<KeyInfo> = self
             .read(|conn| {
                 let sql = format!("SELECT {KEY_COLUMNS} FROM keys ORDER BY rowid");
-                let keys = conn.prepare_cached(&sql)?.query_map([], key_info)?.collect::<rusqlite::Result<_>>()?;
-                Ok(keys)
+                let keys = conn.prepare_cached(&sql)?.query_map([], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                keys.into_iter().map(KeyRow::into_info).collect()
             })
             .await?;
         Ok(keys.into_iter().map(|k| less_held(k, &held)).collect())
@@ -351,10 +355,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn credit(&self, id: &str, amount: Micros, idempotency_key: Option<&str>) -> Result<CreditOutcome> {
-        let delta = to_db(amount)?;
-        if delta == 0 {
-            return Err(LedgerError::Other("a credit must be a positive amount".into()));
-        }
+        let delta = credit_amount(amount)?;
         let id = id.to_owned();
         let idem = idempotency_key.map(str::to_owned);
         self.write(move |conn| {
@@ -368,25 +369,15 @@ impl Ledger for SqliteLedger {
             if let Some(idem) = &idem {
                 // This key's own row first: older versions scoped idempotency keys per
                 // key, so a database may hold the same one on several keys.
-                let seen: Option<(String, u64)> = conn
+                let seen: Option<(String, i64)> = conn
                     .prepare_cached(
                         "SELECT key_id, amount FROM transactions WHERE idempotency_key = ?2
                          ORDER BY key_id = ?1 DESC LIMIT 1",
                     )?
                     .query_row(params![id, idem], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
-                match seen {
-                    Some((key_id, seen)) if key_id == id && seen == amount.get() => {
-                        return Ok(CreditOutcome { balance: less_open_holds(conn, &id, balance), applied: false });
-                    }
-                    Some((key_id, seen)) => {
-                        return Err(LedgerError::IdempotencyConflict {
-                            idempotency_key: idem.clone(),
-                            key_id,
-                            amount: Micros(seen),
-                        });
-                    }
-                    None => {}
+                if repeated_top_up(idem, &id, delta, seen)? {
+                    return Ok(CreditOutcome { balance: less_open_holds(conn, &id, balance), applied: false });
                 }
             }
             let new_balance =
@@ -407,9 +398,7 @@ impl Ledger for SqliteLedger {
     /// writer is asked only to load a key not cached yet, to reserve more ids, or to
     /// sync the book when another process wrote to the file (`Watch`).
     async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome> {
-        if to_db(req.amount)? == 0 {
-            return Err(LedgerError::Other("a hold must be for a positive amount (free routes take no hold)".into()));
-        }
+        hold_amount(req.amount)?;
         let HoldRequest { secret, amount, route, request_id, spend_cap } = req;
         if let Some(cap) = spend_cap {
             return self.authorize_capped(secret, amount, route, request_id, cap).await;
@@ -518,9 +507,8 @@ impl Ledger for SqliteLedger {
     }
 
     async fn reserve_nonce(&self, payer: &str, nonce: &str, valid_before: u64) -> Result<bool> {
-        let valid_before = i64::try_from(valid_before).map_err(|_| LedgerError::Overflow)?;
-        let payer = payer.to_lowercase();
-        let nonce = nonce.to_lowercase();
+        let valid_before = int_to_db(valid_before)?;
+        let (payer, nonce) = nonce_key(payer, nonce);
         self.write(move |conn| {
             let n = conn
                 .prepare_cached("INSERT OR IGNORE INTO x402_nonces (payer, nonce, valid_before) VALUES (?1, ?2, ?3)")?
@@ -531,7 +519,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn purge_nonces(&self, now: u64) -> Result<u64> {
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        let now = saturating(now);
         self.write(move |conn| {
             let n = conn.prepare_cached("DELETE FROM x402_nonces WHERE valid_before < ?1")?.execute([now])?;
             Ok(n as u64)
@@ -540,7 +528,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn record_settlement(&self, s: &Settlement) -> Result<()> {
-        let amount = i64::try_from(s.amount).map_err(|_| LedgerError::Overflow)?;
+        let amount = int_to_db(s.amount)?;
         let s = s.clone();
         self.write(move |conn| {
             conn.prepare_cached(
@@ -565,7 +553,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn settlements(&self, limit: usize) -> Result<Vec<Settlement>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = saturating(limit);
         self.read(move |conn| {
             let rows = conn
                 .prepare_cached(
@@ -576,7 +564,7 @@ impl Ledger for SqliteLedger {
                     Ok(Settlement {
                         rail: r.get(0)?,
                         payer: r.get(1)?,
-                        amount: r.get(2)?,
+                        amount: r.get::<_, u64>(2)?,
                         asset: r.get(3)?,
                         network: r.get(4)?,
                         tx_hash: r.get(5)?,

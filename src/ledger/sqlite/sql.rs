@@ -9,7 +9,8 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use super::holds::OpenHold;
 use super::writer::Tx;
-use crate::ledger::{HoldId, KeyInfo, LedgerError, Result, SecretHash, Transaction, TxKind};
+use crate::ledger::rows::{to_db, KeyRow, TxRow};
+use crate::ledger::{HoldId, KeyInfo, LedgerError, Result, SecretHash};
 use crate::money::Micros;
 
 /// A key as the admin reads show it: its balance less what its open holds keep aside.
@@ -68,14 +69,6 @@ pub(super) fn now() -> i64 {
     i64::try_from(secs).unwrap_or(i64::MAX)
 }
 
-pub(super) fn seconds(d: Duration) -> i64 {
-    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
-}
-
-pub(super) fn to_db(amount: Micros) -> Result<i64> {
-    i64::try_from(amount.get()).map_err(|_| LedgerError::Overflow)
-}
-
 /// (id, revoked, balance) of the key with this secret.
 pub(super) fn key_by_secret(conn: &Connection, secret: &SecretHash) -> Result<Option<(String, bool, Micros)>> {
     let row = conn
@@ -105,10 +98,6 @@ pub(super) fn no_ids() -> LedgerError {
          on the ledger file, or is the disk full? Nothing was held; retry"
             .into(),
     )
-}
-
-pub(super) fn no_hold(hold: HoldId) -> LedgerError {
-    LedgerError::Other(format!("no hold with id {}", hold.0))
 }
 
 /// Releases `hold` if it is a `pending` row (written by an older version, which kept
@@ -224,42 +213,21 @@ pub(super) fn write_release(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, now: i64) -
     insert_refund(tx, &h.key_id, amount, Some(&h.route), Some(&h.request_id), now)
 }
 
-pub(super) fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
-    Ok(KeyInfo {
-        id: r.get(0)?,
-        label: r.get(1)?,
-        balance: Micros(r.get(2)?),
-        revoked: r.get(3)?,
-        created_at: r.get(4)?,
-    })
+/// A `keys` row (`KEY_COLUMNS`).
+pub(super) fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok(KeyRow { id: r.get(0)?, label: r.get(1)?, balance: r.get(2)?, revoked: r.get(3)?, created_at: r.get(4)? })
 }
 
-pub(super) const KEY_COLUMNS: &str = "id, label, balance, revoked, created_at";
-
-pub(super) fn transaction(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> {
-    let kind: String = r.get(2)?;
-    let kind = match kind.as_str() {
-        "credit" => TxKind::Credit,
-        "debit" => TxKind::Debit,
-        "refund" => TxKind::Refund,
-        other => {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                2,
-                rusqlite::types::Type::Text,
-                format!("unknown transaction kind {other:?}").into(),
-            ))
-        }
-    };
-    Ok(Transaction {
+/// A `transactions` row (`TX_COLUMNS`).
+pub(super) fn tx_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TxRow> {
+    Ok(TxRow {
         id: r.get(0)?,
         key_id: r.get(1)?,
-        kind,
-        amount: Micros(r.get(3)?),
+        kind: r.get(2)?,
+        amount: r.get(3)?,
         route: r.get(4)?,
         request_id: r.get(5)?,
         status: r.get(6)?,
         created_at: r.get(7)?,
     })
 }
-
-pub(super) const TX_COLUMNS: &str = "id, key_id, kind, amount, route, request_id, status, created_at";
