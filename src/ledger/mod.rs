@@ -1,5 +1,5 @@
-//! The ledger: API keys, balances, holds, transactions and the x402 replay store
-//! (DESIGN §5).
+//! The ledger: API keys, balances, holds, transactions and the x402 replay store.
+//! ARCHITECTURE.md ("Invariants": money, holds, fail closed) says what it guarantees.
 //!
 //! Money is integer micro-units. A charge has two phases, like a card authorization:
 //! [`Ledger::authorize`] takes a **hold** atomically, as a conditional debit (the
@@ -15,6 +15,8 @@
 //! [`Cursor`]: ids do not follow time on SQLite, whose gateway numbers rows from
 //! blocks reserved in advance (see [`holds`]).
 //!
+//! Each backend is a folder, `sqlite/` and `postgres/`, whose module docs say how it
+//! keeps these guarantees; what both do alike with rows and amounts is in `rows.rs`.
 //! Code outside this folder does not write SQL.
 
 pub mod postgres;

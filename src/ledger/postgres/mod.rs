@@ -1,6 +1,12 @@
-//! The PostgreSQL ledger: one shared ledger for several replicas (DESIGN §5 "Ledger
-//! semantics"). Same meaning as the SQLite ledger, row for row; what differs is how the
-//! guarantees are kept when several processes on several machines write at once.
+//! The PostgreSQL ledger: one shared ledger for several replicas. Same meaning as the
+//! SQLite ledger, row for row (what a ledger promises is in [`Ledger`] and
+//! ARCHITECTURE.md, "Invariants"); what differs is how the guarantees are kept when
+//! several processes on several machines write at once.
+//!
+//! The folder: this file has the ledger and its [`Ledger`] impl; `batch.rs` the
+//! batching rounds of holds and captures; `pool.rs` connections, timeouts and what
+//! errors mean; `sql.rs` the statements shared by several operations; `schema.sql` and
+//! `schema.rs` the schema and its migrations.
 //!
 //! # Connections
 //!
@@ -37,14 +43,14 @@
 //!   update are one statement. The test is deliberately not written `status =
 //!   'pending'`: that would match the partial index `transactions_pending`, which the
 //!   planner then prefers to the primary key although it holds an entry for every hold
-//!   captured since the last vacuum (at 10k paid requests/s, each batch of captures
-//!   scanned some 50,000 dead entries and 1,250 heap pages: 80 µs of database time per
-//!   capture instead of a few). These lookups by id are also sent unprepared
+//!   captured since the last vacuum, so under load every batch of captures would scan
+//!   the dead entries and their heap pages (`postgres::captures_use_the_primary_key_
+//!   not_the_pending_index` in the tests). These lookups by id are also sent unprepared
 //!   (`query_typed`: one round trip, planned for the ids at hand) rather than as
 //!   cached prepared statements: a prepared statement's generic plan is made after a
 //!   few executions, and one made while the table was still tiny is a sequential scan
 //!   that stays in the connection until something invalidates it — on a new ledger
-//!   every capture then read the whole table (5 ms per capture at 50,000 rows).
+//!   every capture would then read the whole table.
 //! - **stale holds**: pending holds are locked `FOR UPDATE SKIP LOCKED`, so replicas
 //!   sweeping at once split the work and never refund a hold twice; the keys to refund
 //!   are then locked in id order, so two sweeps cannot deadlock.
@@ -274,15 +280,11 @@ impl Ledger for PostgresLedger {
                 // key (for any key id, on any replica) can look or insert.
                 let stmt = tx.prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, $2))").await?;
                 tx.execute(&stmt, &[&idem, &IDEMPOTENCY_LOCK_SEED]).await?;
-                // This key's own row first: older versions scoped idempotency keys per
-                // key, so a database may hold the same one on several keys.
-                let stmt = tx
-                    .prepare_cached(
-                        "SELECT key_id, amount FROM transactions WHERE idempotency_key = $2
-                         ORDER BY key_id = $1 DESC LIMIT 1",
-                    )
-                    .await?;
-                let seen = match tx.query_opt(&stmt, &[&id, &idem]).await? {
+                // At most one row carries it: an idempotency key names one top-up in
+                // the whole ledger, and the lock above serialises the credits naming it.
+                let stmt =
+                    tx.prepare_cached("SELECT key_id, amount FROM transactions WHERE idempotency_key = $1").await?;
+                let seen = match tx.query_opt(&stmt, &[&idem]).await? {
                     Some(row) => Some((row.try_get(0)?, row.try_get(1)?)),
                     None => None,
                 };

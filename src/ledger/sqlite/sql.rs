@@ -100,8 +100,8 @@ pub(super) fn no_ids() -> LedgerError {
     )
 }
 
-/// Releases `hold` if it is a `pending` row (written by an older version, which kept
-/// holds in the database): the amount goes back to the balance and a `refund` row
+/// Releases `hold` if it is a `pending` row (not one tollgate wrote: see
+/// `release_stale_holds`): the amount goes back to the balance and a `refund` row
 /// records it. Returns whether it was pending.
 pub(super) fn release_pending(tx: &Tx<'_>, hold: i64, now: i64) -> Result<bool> {
     let row = tx

@@ -494,4 +494,30 @@ mod tests {
         assert_eq!(rows(&conn), Vec::<i64>::new());
         assert!(conn.is_autocommit());
     }
+
+    /// Through the whole ledger: many callers at once share commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commands_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = std::sync::Arc::new(
+            crate::ledger::sqlite::SqliteLedger::open(
+                &dir.path().join("l.db"),
+                crate::ledger::sqlite::SqliteOptions::default(),
+            )
+            .unwrap(),
+        );
+        let before = ledger.commit_count();
+        let n = 1000;
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move { crate::ledger::Ledger::ping(&*ledger).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let commits = ledger.commit_count() - before;
+        assert!(commits >= 1 && commits < n, "{n} commands took {commits} commits");
+    }
 }
