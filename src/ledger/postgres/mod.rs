@@ -97,7 +97,7 @@ use self::batch::{capture_loop, hold_loop, Batchers, HoldJob};
 pub use self::batch::{CAPTURE_MANY, MAX_BATCH};
 use self::pool::{describe, Connector};
 pub use self::schema::{MIGRATIONS, MIGRATION_LOCK, SCHEMA, SCHEMA_VERSION};
-use self::sql::*;
+use self::sql::{held, key_info, refusal, transaction, HOLD, KEY_BY_SECRET, RELEASE};
 use super::rows::{
     credit_amount, from_db, hold_amount, int_to_db, no_hold, nonce_key, repeated_top_up, saturating, seconds, to_db,
     KEY_COLUMNS, TX_COLUMNS,

@@ -1,4 +1,5 @@
-//! The PostgreSQL ledger's statements and row helpers.
+//! The PostgreSQL ledger's statements used by more than one operation, and its row
+//! readers (the mapping itself is shared with SQLite in `ledger::rows`).
 
 use crate::ledger::rows::{from_db, KeyRow, TxRow};
 use crate::ledger::{HoldId, HoldOutcome, KeyInfo, Result, Transaction};

@@ -26,8 +26,8 @@
 //! Replies are sent only after the `COMMIT` returned, so an acknowledged capture, credit
 //! or nonce is always committed (they travel as one message per batch to a task on the
 //! runtime that opened the ledger, which wakes each caller: one cross-thread wake-up
-//! per batch instead of one per command); if the `COMMIT` fails, every command of the batch gets
-//! the error. Correctness does not depend on batching: the single writer serialises all
+//! per batch instead of one per command); if the `COMMIT` fails, every command of the
+//! batch gets the error. Correctness does not depend on batching: the single writer serialises all
 //! commands, and each one is atomic.
 //!
 //! # Open holds live in memory
@@ -35,12 +35,12 @@
 //! One process owns the file (the gateway takes a lock), so open holds are kept in a
 //! [`Book`] in memory rather than written as `pending` rows: `authorize` decides on the
 //! calling thread, without a database round trip, and a paid request costs one durable
-//! write (its capture) instead of two. Listings show open holds as `pending` debits, as
-//! before. See [`super::holds`] for how the cached balances stay exact and why a crash
-//! cannot lose or double a charge. Another process changing the file (`tollgate keys
-//! credit` or `revoke` while the gateway runs) is noticed through `PRAGMA data_version`
-//! **on every hold**, before the cache is trusted (see `Watch`): a revocation or a
-//! top-up made by `tollgate keys` holds for every request that starts after the
+//! write (its capture) instead of two. Listings show open holds as `pending` debits.
+//! See [`holds`] for how the cached balances stay exact and why a crash cannot lose or
+//! double a charge. Another process changing the file (`tollgate keys credit` or
+//! `revoke` while the gateway runs) is noticed through `PRAGMA data_version` **on
+//! every hold**, before the cache is trusted (see `book_sync::Watch`): a revocation or
+//! a top-up made by `tollgate keys` holds for every request that starts after the
 //! command returned.
 //!
 //! # Durability
@@ -54,9 +54,9 @@
 //!   fsynced only at checkpoints (every `writer::CHECKPOINT_EVERY` while there is
 //!   something to copy), so the transactions committed since the last checkpoint may be
 //!   lost (the database stays consistent: it rolls back to an earlier commit, never to
-//!   a torn one). With `synchronous=FULL`
-//!   ([`SqliteOptions::synchronous_full`]) every commit is fsynced before it is
-//!   acknowledged, so nothing acknowledged is lost; group commit keeps that affordable.
+//!   a torn one). With `synchronous=FULL` ([`SqliteOptions::synchronous_full`]) every
+//!   commit is fsynced before it is acknowledged, so nothing acknowledged is lost;
+//!   group commit keeps that affordable.
 //!
 //! # Schema
 //!
@@ -82,7 +82,10 @@ use self::book_sync::{BookSync, Watch};
 use self::holds::{Attempt, Book};
 use self::schema::migrate;
 pub use self::schema::{MIGRATIONS, SCHEMA, SCHEMA_VERSION};
-use self::sql::*;
+use self::sql::{
+    capture_open, connect, debit_status, insert_credit, is_debit, key_by_secret, key_row, less_held, less_open_holds,
+    no_ids, now, release_open, release_pending, tx_row,
+};
 pub use self::writer::MAX_BATCH;
 use self::writer::{courier_loop, read_loop, write_loop, Checkpointer, Tx, Worker};
 use super::rows::{
