@@ -1,5 +1,5 @@
-//! The ledger: API keys, balances, holds, transactions and the x402 replay store
-//! (DESIGN §5).
+//! The ledger: API keys, balances, holds, transactions and the x402 replay store.
+//! ARCHITECTURE.md ("Invariants": money, holds, fail closed) says what it guarantees.
 //!
 //! Money is integer micro-units. A charge has two phases, like a card authorization:
 //! [`Ledger::authorize`] takes a **hold** atomically, as a conditional debit (the
@@ -15,11 +15,16 @@
 //! [`Cursor`]: ids do not follow time on SQLite, whose gateway numbers rows from
 //! blocks reserved in advance (see [`holds`]).
 //!
+//! Each backend is a folder, `sqlite/` and `postgres/`, whose module docs say how it
+//! keeps these guarantees; what both do alike with rows and amounts is in `rows.rs`.
 //! Code outside this folder does not write SQL.
 
-pub mod holds;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
+
+/// The SQLite ledger's book of open holds, at the path it always had.
+pub use self::sqlite::holds;
 
 use std::time::Duration;
 
@@ -280,8 +285,17 @@ fn ser_money<S: serde::Serializer>(m: &Micros, s: S) -> std::result::Result<S::O
     s.collect_str(m)
 }
 
+/// What every backend does: accounts (keys and balances), holds, the transaction
+/// listing, the x402 replay store and settlement log, and a health check.
+///
+/// One trait for every role, grouped below. It is not split into role traits under a
+/// supertrait: `dyn Ledger` callers would not notice, but every call on a concrete
+/// backend or through `T: Ledger` (the tests, the benchmarks) would need each role
+/// trait imported.
 #[async_trait]
 pub trait Ledger: Send + Sync + 'static {
+    // === accounts ===
+
     /// Creates a key with an opening balance (recorded as a `credit`).
     async fn create_key(&self, label: Option<&str>, balance: Micros) -> Result<NewKey>;
     async fn key(&self, id: &str) -> Result<Option<KeyInfo>>;
@@ -294,6 +308,8 @@ pub trait Ledger: Send + Sync + 'static {
     /// [`LedgerError::IdempotencyConflict`].
     async fn credit(&self, id: &str, amount: Micros, idempotency_key: Option<&str>) -> Result<CreditOutcome>;
 
+    // === holds ===
+
     /// Looks the key up by its secret's hash and atomically holds `amount`.
     async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome>;
     /// Makes a hold final. Idempotent: true when the hold is (now or already) captured,
@@ -305,6 +321,8 @@ pub trait Ledger: Send + Sync + 'static {
     /// Releases holds older than `older_than` (left behind by a crashed process).
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64>;
 
+    // === transactions ===
+
     /// One page of transactions (open holds included, as `pending` debits), newest
     /// first: by `created_at`, then by id.
     async fn transaction_page(&self, query: TxQuery<'_>) -> Result<TxPage>;
@@ -315,6 +333,8 @@ pub trait Ledger: Send + Sync + 'static {
         Ok(self.transaction_page(TxQuery { key, before: None, limit }).await?.transactions)
     }
 
+    // === x402: replay store and settlement log ===
+
     /// Records an x402 (payer, nonce) until `valid_before` (unix seconds).
     /// Returns false when it is already recorded: a replay.
     async fn reserve_nonce(&self, payer: &str, nonce: &str, valid_before: u64) -> Result<bool>;
@@ -322,6 +342,8 @@ pub trait Ledger: Send + Sync + 'static {
     async fn purge_nonces(&self, now: u64) -> Result<u64>;
     async fn record_settlement(&self, s: &Settlement) -> Result<()>;
     async fn settlements(&self, limit: usize) -> Result<Vec<Settlement>>;
+
+    // === health ===
 
     /// Cheap read-and-write round trip for readiness checks.
     async fn ping(&self) -> Result<()>;

@@ -3,6 +3,7 @@
 //! the CLI, and concurrent start-up. Every test starts its own throwaway cluster
 //! (`crate::support::pg`), so a test that stops its database disturbs no other.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -736,6 +737,170 @@ async fn replicas_starting_at_once_migrate_once() {
     let err = PostgresLedger::connect(&url, opts()).await.unwrap_err();
     assert!(matches!(err, LedgerError::Other(_)), "{err}");
     assert!(err.to_string().contains("newer than this tollgate"), "{err}");
+}
+
+// === the schema ===
+
+/// Table → column names of `schema`, applied to a new SQLite file and read back from
+/// `sqlite_master` and `PRAGMA table_info`.
+fn sqlite_columns(schema: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("schema.db")).unwrap();
+    conn.execute_batch(schema).unwrap();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let mut columns = BTreeMap::new();
+    for table in tables {
+        let names: BTreeSet<String> = conn
+            .prepare(&format!("PRAGMA table_info({table})"))
+            .unwrap()
+            .query_map([], |r| r.get(1))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        columns.insert(table, names);
+    }
+    columns
+}
+
+/// Table → column names of the database at `url`, from `information_schema.columns`.
+async fn postgres_columns(url: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let c = sql_client(url).await;
+    let sql =
+        "SELECT table_name::text, column_name::text FROM information_schema.columns WHERE table_schema = 'public'";
+    let mut columns: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for row in c.query(sql, &[]).await.unwrap() {
+        columns.entry(row.get(0)).or_default().insert(row.get(1));
+    }
+    columns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_schema_files_describe_the_same_tables_and_columns() {
+    let sqlite = sqlite_columns(tollgate::ledger::sqlite::SCHEMA);
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    sql_client(&url).await.batch_execute(tollgate::ledger::postgres::SCHEMA).await.unwrap();
+    let mut postgres = postgres_columns(&url).await;
+    assert_eq!(sqlite.len(), 5, "{sqlite:?}");
+    // The one deliberate difference: PostgreSQL numbers keys for listings in creation
+    // order; SQLite has its rowid for that.
+    assert!(postgres.get_mut("keys").unwrap().remove("seq"), "{postgres:?}");
+    assert_eq!(postgres, sqlite);
+}
+
+/// Migration 1 as the first databases got it, before migration 2's indexes.
+const FIRST_MIGRATION_1: &str = r#"
+    CREATE TABLE keys (
+        -- Creation order, for listings (ids are random).
+        seq         BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+        id          TEXT PRIMARY KEY,
+        secret_hash BYTEA NOT NULL UNIQUE CHECK (length(secret_hash) = 32),
+        label       TEXT,
+        balance     BIGINT NOT NULL CHECK (balance >= 0),
+        revoked     BOOLEAN NOT NULL DEFAULT false,
+        created_at  BIGINT NOT NULL DEFAULT floor(extract(epoch FROM now()))::bigint
+    );
+
+    CREATE TABLE transactions (
+        id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        key_id          TEXT NOT NULL REFERENCES keys (id),
+        kind            TEXT NOT NULL CHECK (kind IN ('credit', 'debit', 'refund')),
+        amount          BIGINT NOT NULL CHECK (amount > 0),
+        route           TEXT,
+        request_id      TEXT,
+        -- A debit is a hold: pending, then captured or released. Others have no status.
+        status          TEXT CHECK (
+            (kind = 'debit' AND status IS NOT NULL
+                AND status IN ('pending', 'captured', 'released'))
+            OR (kind <> 'debit' AND status IS NULL)),
+        idempotency_key TEXT CHECK (idempotency_key IS NULL OR kind = 'credit'),
+        created_at      BIGINT NOT NULL DEFAULT floor(extract(epoch FROM now()))::bigint
+    );
+
+    CREATE UNIQUE INDEX transactions_idempotency
+        ON transactions (key_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX transactions_key_id ON transactions (key_id, id);
+    CREATE INDEX transactions_key_created ON transactions (key_id, created_at);
+    CREATE INDEX transactions_pending
+        ON transactions (created_at) WHERE kind = 'debit' AND status = 'pending';
+
+    -- Payer and nonce are stored lower-cased: hex is case-insensitive.
+    CREATE TABLE x402_nonces (
+        payer        TEXT NOT NULL,
+        nonce        TEXT NOT NULL,
+        valid_before BIGINT NOT NULL,
+        PRIMARY KEY (payer, nonce)
+    );
+    CREATE INDEX x402_nonces_valid_before ON x402_nonces (valid_before);
+
+    CREATE TABLE settlements (
+        id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        rail       TEXT NOT NULL,
+        payer      TEXT NOT NULL,
+        amount     BIGINT NOT NULL CHECK (amount >= 0),
+        asset      TEXT NOT NULL,
+        network    TEXT NOT NULL,
+        tx_hash    TEXT NOT NULL,
+        route      TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL DEFAULT floor(extract(epoch FROM now()))::bigint
+    );
+
+    -- One row, rewritten by ping: readiness proves the database is writable (a
+    -- read-only standby after a failover is not ready).
+    CREATE TABLE health (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        checked_at BIGINT NOT NULL
+    );
+"#;
+
+/// Columns (with type, nullability and default) and index definitions of `url`.
+async fn catalog(url: &str) -> Vec<String> {
+    let c = sql_client(url).await;
+    let columns = "SELECT format('%s.%s %s null=%s default=%s', table_name, column_name, data_type, is_nullable,
+                                 coalesce(column_default, '-'))
+                   FROM information_schema.columns WHERE table_schema = 'public'";
+    let indexes = "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public'";
+    let mut all = Vec::new();
+    for sql in [columns, indexes] {
+        all.extend(c.query(sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)));
+    }
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_the_first_migration_upgrades_to_the_schema() {
+    let cluster = Cluster::spawn().await;
+    let fresh = cluster.create_db().await;
+    drop(ledger(&fresh).await);
+    let old = cluster.create_db().await;
+    let c = sql_client(&old).await;
+    c.batch_execute(FIRST_MIGRATION_1).await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         INSERT INTO schema_migrations (version) VALUES (1);",
+    )
+    .await
+    .unwrap();
+    drop(ledger(&old).await);
+    let all: Vec<i32> = (1..=SCHEMA_VERSION).collect();
+    assert_eq!(versions(&old).await, all);
+    let want = catalog(&fresh).await;
+    assert!(want.iter().any(|d| d.contains("transactions_key_created_id")), "{want:#?}");
+    assert_eq!(catalog(&old).await, want);
+
+    // schema.sql is the schema: the migrations after it change nothing.
+    let plain = cluster.create_db().await;
+    sql_client(&plain).await.batch_execute(tollgate::ledger::postgres::SCHEMA).await.unwrap();
+    let want: Vec<String> = want.into_iter().filter(|d| !d.contains("schema_migrations")).collect();
+    assert_eq!(catalog(&plain).await, want);
 }
 
 // === the deploy example ===

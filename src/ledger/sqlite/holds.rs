@@ -1,5 +1,5 @@
 //! Open holds and the balances they are taken against, in memory: the SQLite ledger's
-//! hot path (issue 6).
+//! hot path (ARCHITECTURE.md, "Holds").
 //!
 //! One process owns a SQLite ledger (the gateway takes a file lock), so it can keep
 //! every **open hold** in memory instead of writing a `pending` row for it and
@@ -16,7 +16,7 @@
 //! (or after it saw another process, e.g. `tollgate keys credit`, change the file), so
 //! the cache never runs ahead of the database. Before a hold trusts the cache, the
 //! ledger checks that no other process wrote to the file since the writer last synced
-//! it, and has the writer sync first if one did (`sqlite::Watch`): a revocation or a
+//! it, and has the writer sync first if one did (`book_sync::Watch`): a revocation or a
 //! top-up holds for the very next hold. The database keeps the last word all
 //! the same: a capture is a conditional debit (`balance >= amount`), so even a stale
 //! cache cannot take a balance below zero.
@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{HoldId, HoldOutcome, SecretHash, Transaction, TxKind};
+use crate::ledger::{HoldId, HoldOutcome, SecretHash, Transaction, TxKind};
 use crate::money::Micros;
 
 /// Ids the writer reserves at a time.

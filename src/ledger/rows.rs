@@ -1,0 +1,176 @@
+//! What the SQLite and PostgreSQL ledgers do alike with rows and amounts: the columns
+//! both read, a stored row turned into a [`KeyInfo`] or a [`Transaction`], the
+//! conversions between [`Micros`] (u64) and the stores' signed 64-bit integers, and
+//! the rule for a reused idempotency key. ARCHITECTURE.md ("Money") has the
+//! invariants these keep.
+
+use std::time::Duration;
+
+use super::{HoldId, KeyInfo, LedgerError, Result, Transaction, TxKind};
+use crate::money::Micros;
+
+/// The `keys` columns [`KeyRow`] holds, in its order.
+pub(crate) const KEY_COLUMNS: &str = "id, label, balance, revoked, created_at";
+/// The `transactions` columns [`TxRow`] holds, in its order.
+pub(crate) const TX_COLUMNS: &str = "id, key_id, kind, amount, route, request_id, status, created_at";
+
+// === amounts ===
+
+/// An amount as both stores keep it (INTEGER, BIGINT: signed 64 bits); one above
+/// `i64::MAX` is refused rather than wrapped.
+pub(crate) fn to_db(amount: Micros) -> Result<i64> {
+    int_to_db(amount.get())
+}
+
+/// Any unsigned count the stores keep (a nonce's `valid_before`, a settled amount).
+pub(crate) fn int_to_db(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| LedgerError::Overflow)
+}
+
+/// A stored amount or balance. The schemas' `CHECK`s keep them at zero or above, so a
+/// negative one means the store was changed by something other than tollgate.
+pub(crate) fn from_db(v: i64) -> Result<Micros> {
+    u64::try_from(v)
+        .map(Micros)
+        .map_err(|_| LedgerError::Other(format!("the ledger holds a negative amount ({v}); was it edited by hand?")))
+}
+
+/// The amount of a hold, which must be positive: a free route takes no hold.
+pub(crate) fn hold_amount(amount: Micros) -> Result<i64> {
+    match to_db(amount)? {
+        0 => Err(LedgerError::Other("a hold must be for a positive amount (free routes take no hold)".into())),
+        n => Ok(n),
+    }
+}
+
+/// The amount of a credit, which must be positive.
+pub(crate) fn credit_amount(amount: Micros) -> Result<i64> {
+    match to_db(amount)? {
+        0 => Err(LedgerError::Other("a credit must be a positive amount".into())),
+        n => Ok(n),
+    }
+}
+
+/// Whole seconds of `d` (a spend-cap window, a stale-hold age), saturating.
+pub(crate) fn seconds(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// A `LIMIT` or a unix time given as an unsigned number, saturating.
+pub(crate) fn saturating(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+// === rows ===
+
+/// A `keys` row as read ([`KEY_COLUMNS`]).
+pub(crate) struct KeyRow {
+    pub(crate) id: String,
+    pub(crate) label: Option<String>,
+    pub(crate) balance: i64,
+    pub(crate) revoked: bool,
+    pub(crate) created_at: i64,
+}
+
+impl KeyRow {
+    pub(crate) fn into_info(self) -> Result<KeyInfo> {
+        let KeyRow { id, label, balance, revoked, created_at } = self;
+        Ok(KeyInfo { id, label, balance: from_db(balance)?, revoked, created_at })
+    }
+}
+
+/// A `transactions` row as read ([`TX_COLUMNS`]).
+pub(crate) struct TxRow {
+    pub(crate) id: i64,
+    pub(crate) key_id: String,
+    pub(crate) kind: String,
+    pub(crate) amount: i64,
+    pub(crate) route: Option<String>,
+    pub(crate) request_id: Option<String>,
+    pub(crate) status: Option<String>,
+    pub(crate) created_at: i64,
+}
+
+impl TxRow {
+    pub(crate) fn into_transaction(self) -> Result<Transaction> {
+        let kind = match self.kind.as_str() {
+            "credit" => TxKind::Credit,
+            "debit" => TxKind::Debit,
+            "refund" => TxKind::Refund,
+            other => return Err(LedgerError::Other(format!("unknown transaction kind {other:?}"))),
+        };
+        Ok(Transaction {
+            id: self.id,
+            key_id: self.key_id,
+            kind,
+            amount: from_db(self.amount)?,
+            route: self.route,
+            request_id: self.request_id,
+            status: self.status,
+            created_at: self.created_at,
+        })
+    }
+}
+
+// === rules ===
+
+/// x402 payers and nonces are hex, which is case-insensitive: both are stored
+/// lower-cased, so a replay in other letters is still a replay.
+pub(crate) fn nonce_key(payer: &str, nonce: &str) -> (String, String) {
+    (payer.to_lowercase(), nonce.to_lowercase())
+}
+
+/// What a credit's idempotency key was used for before (`seen`: the key id and amount
+/// of the credit row that carries it) means for a credit of `amount` to `key_id`: true
+/// for the same top-up again (nothing to do), false for a key never used, and
+/// [`LedgerError::IdempotencyConflict`] for another amount or another key.
+pub(crate) fn repeated_top_up(idem: &str, key_id: &str, amount: i64, seen: Option<(String, i64)>) -> Result<bool> {
+    match seen {
+        None => Ok(false),
+        Some((seen_key, seen_amount)) if seen_key == key_id && seen_amount == amount => Ok(true),
+        Some((seen_key, seen_amount)) => Err(LedgerError::IdempotencyConflict {
+            idempotency_key: idem.to_owned(),
+            key_id: seen_key,
+            amount: from_db(seen_amount)?,
+        }),
+    }
+}
+
+pub(crate) fn no_hold(hold: HoldId) -> LedgerError {
+    LedgerError::Other(format!("no hold with id {}", hold.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_beyond_i64_are_refused() {
+        assert!(matches!(to_db(Micros(u64::MAX)), Err(LedgerError::Overflow)));
+        assert_eq!(to_db(Micros(i64::MAX as u64)).unwrap(), i64::MAX);
+        assert!(matches!(int_to_db(u64::MAX), Err(LedgerError::Overflow)));
+        assert!(matches!(hold_amount(Micros::ZERO), Err(LedgerError::Other(_))));
+        assert!(matches!(credit_amount(Micros::ZERO), Err(LedgerError::Other(_))));
+        assert_eq!(hold_amount(Micros(1)).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_negative_stored_amount_is_an_error_not_zero() {
+        assert_eq!(from_db(7).unwrap(), Micros(7));
+        assert!(matches!(from_db(-1), Err(LedgerError::Other(_))));
+    }
+
+    #[test]
+    fn a_reused_idempotency_key_is_a_repeat_only_for_the_same_key_and_amount() {
+        assert!(!repeated_top_up("inv", "key_a", 5, None).unwrap());
+        assert!(repeated_top_up("inv", "key_a", 5, Some(("key_a".into(), 5))).unwrap());
+        for seen in [("key_a".to_owned(), 6), ("key_b".to_owned(), 5)] {
+            match repeated_top_up("inv", "key_a", 5, Some(seen.clone())) {
+                Err(LedgerError::IdempotencyConflict { idempotency_key, key_id, amount }) => {
+                    assert_eq!((idempotency_key.as_str(), key_id, amount), ("inv", seen.0, Micros(seen.1 as u64)));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
