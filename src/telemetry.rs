@@ -22,14 +22,27 @@ pub(crate) fn init(cfg: &LogConfig) {
 /// A request id: a sane incoming `x-request-id` is kept (so ids correlate across
 /// proxies), anything else is replaced by a fresh ULID.
 pub(crate) fn request_id(incoming: Option<&http::HeaderValue>) -> String {
-    if let Some(v) = incoming {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c)) {
-            // Checked ASCII above.
-            return String::from_utf8_lossy(b).into_owned();
-        }
+    match incoming {
+        Some(v) if is_sane_request_id(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        _ => ulid::Ulid::new().to_string(),
     }
-    ulid::Ulid::new().to_string()
+}
+
+/// Short, and only characters that are safe in logs and headers.
+pub(crate) fn is_sane_request_id(v: &http::HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+}
+
+/// Makes the id of a request that came without a sane one: a ULID (sortable by time).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct MakeUlid;
+
+impl tower_http::request_id::MakeRequestId for MakeUlid {
+    fn make_request_id<B>(&mut self, _req: &http::Request<B>) -> Option<tower_http::request_id::RequestId> {
+        let id = http::HeaderValue::from_str(&ulid::Ulid::new().to_string()).ok()?;
+        Some(tower_http::request_id::RequestId::new(id))
+    }
 }
 
 #[cfg(test)]

@@ -117,6 +117,12 @@ pub(crate) fn prepare_request<B>(req: &mut Request<B>) -> Result<(), Malformed> 
     for name in headers::OVERRIDES {
         h.remove(*name);
     }
+    // An id that is not sane is replaced (the request-id layer makes a fresh one).
+    if h.get("x-request-id").is_some_and(|v| !crate::telemetry::is_sane_request_id(v))
+        || h.get_all("x-request-id").iter().nth(1).is_some()
+    {
+        h.remove("x-request-id");
+    }
     if let Some(proto) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto);
