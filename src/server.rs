@@ -32,6 +32,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -321,8 +322,8 @@ async fn serve_http<S>(
         Err(_) => return tracing::debug!(peer = %peer, "no request within the header read timeout"),
     };
     let io = TokioIo::new(Prefixed { prefix, pos: 0, io });
-    let (in_flight, mut activity) = watch::channel(0usize);
-    let svc = Counted { inner: svc, in_flight: Arc::new(in_flight) };
+    let activity = Arc::new(Activity::new());
+    let svc = Counted { inner: svc, activity: activity.clone() };
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut closing = false;
@@ -338,7 +339,7 @@ async fn serve_http<S>(
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = idle_for(&mut activity, timeouts.idle) => {
+            () = idle_for(&activity, timeouts.idle) => {
                 if closing {
                     // Nothing in flight, yet the graceful close did not finish: an HTTP/2
                     // peer that never acknowledges the GOAWAY's PING.
@@ -353,17 +354,24 @@ async fn serve_http<S>(
 }
 
 /// Completes once no request has been in flight for `timeout` (counted from the end of
-/// the last one, or from now when none is in flight).
-async fn idle_for(activity: &mut watch::Receiver<usize>, timeout: Duration) {
+/// the last one, or from the start of the connection).
+///
+/// Requests only touch atomics ([`Activity`]); this timer wakes once per `timeout`
+/// and re-arms itself, so the hot path never wakes the connection task.
+async fn idle_for(activity: &Activity, timeout: Duration) {
+    let mut deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if activity.wait_for(|&n| n == 0).await.is_err() {
-            // The connection's service is gone, and with it the connection.
-            return std::future::pending().await;
+        tokio::time::sleep_until(deadline).await;
+        let now = tokio::time::Instant::now();
+        if activity.in_flight.load(Ordering::Acquire) > 0 {
+            deadline = now + timeout;
+            continue;
         }
-        tokio::select! {
-            () = tokio::time::sleep(timeout) => return,
-            _ = activity.changed() => {}
+        let idle_since = activity.last_end();
+        if now.saturating_duration_since(idle_since) >= timeout {
+            return;
         }
+        deadline = idle_since + timeout;
     }
 }
 
@@ -373,7 +381,26 @@ async fn idle_for(activity: &mut watch::Receiver<usize>, timeout: Duration) {
 /// response body has ended or been dropped (a client reset or disconnect).
 struct Counted<S> {
     inner: S,
-    in_flight: Arc<watch::Sender<usize>>,
+    activity: Arc<Activity>,
+}
+
+/// A connection's requests in flight and when the last one ended, kept in atomics so
+/// that counting costs a request no wake-up of anyone.
+struct Activity {
+    in_flight: AtomicUsize,
+    /// The connection's start, the origin of `last_end_ms`.
+    origin: tokio::time::Instant,
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { in_flight: AtomicUsize::new(0), origin: tokio::time::Instant::now(), last_end_ms: AtomicU64::new(0) }
+    }
+
+    fn last_end(&self) -> tokio::time::Instant {
+        self.origin + Duration::from_millis(self.last_end_ms.load(Ordering::Acquire))
+    }
 }
 
 impl<S, B> Service<Request<Incoming>> for Counted<S>
@@ -385,24 +412,27 @@ where
     type Future = CountedFuture<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let guard = InFlight::start(self.in_flight.clone());
+        let guard = InFlight::start(self.activity.clone());
         CountedFuture { inner: self.inner.call(req), guard: Some(guard) }
     }
 }
 
 /// One request in flight; dropping it ends it.
-struct InFlight(Arc<watch::Sender<usize>>);
+struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(count: Arc<watch::Sender<usize>>) -> InFlight {
-        count.send_modify(|n| *n += 1);
-        InFlight(count)
+    fn start(activity: Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        let a = &self.0;
+        let ms = u64::try_from(a.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.last_end_ms.fetch_max(ms, Ordering::AcqRel);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
