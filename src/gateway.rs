@@ -8,33 +8,32 @@
 mod routing;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestId, PropagateRequestIdLayer, SetRequestId, SetRequestIdLayer};
 
 use crate::config::{Config, ConfigErrors};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::payment::layer::{PaymentGate, PaymentLayer};
+use crate::payment::layer::{PaymentGate, PaymentLayer, PaymentService};
 use crate::payment::Rails;
 use crate::proxy::{Forward, Upstream};
 use crate::route::RouteTable;
 use crate::telemetry::MakeUlid;
 use crate::Body;
-use routing::{RouteLayer, Routing};
+use routing::{RouteLayer, RouteService, Routing};
 
 /// Builds the rails for a config; given to the gateway so tests can add fakes.
 pub type RailFactory = Arc<dyn Fn(&Config, &Arc<dyn Ledger>, &Arc<Metrics>) -> Result<Rails, String> + Send + Sync>;
 
 /// The request stack of one snapshot: request id, route step, payment gate, forwarder.
-pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+/// Named, not boxed: the hot path pays no allocation or dynamic call for the layering.
+type Stack = SetRequestId<PropagateRequestId<RouteService<PaymentService<Forward>>>, MakeUlid>;
 
 /// Everything derived from one config file, the request stack included.
 pub struct Snapshot {
@@ -87,7 +86,7 @@ impl Snapshot {
             .layer(RouteLayer::new(routing))
             .layer(PaymentLayer::new(Arc::new(gate)))
             .service(Forward::new(upstreams));
-        Ok(Snapshot { public_base: cfg.public_base(), stack: BoxCloneSyncService::new(stack), config: Arc::new(cfg) })
+        Ok(Snapshot { public_base: cfg.public_base(), stack, config: Arc::new(cfg) })
     }
 
     /// The longest upstream timeout: holds older than this plus a margin are stale.
