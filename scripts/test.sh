@@ -13,6 +13,11 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need_apt+=(postgresql)
 fi
+if [ "${TOLLGATE_SKIP_INTEROP:-}" != 1 ]; then
+  # The official x402 npm clients need Node.js and npm (Debian's will do).
+  command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test.sh: installing ${need_apt[*]}" >&2
