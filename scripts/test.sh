@@ -17,6 +17,8 @@ if [ "${TOLLGATE_SKIP_INTEROP:-}" != 1 ]; then
   # The official x402 npm clients need Node.js and npm (Debian's will do).
   command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
   command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+  # The Python client and the origin frameworks go into a venv.
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
