@@ -31,7 +31,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-# The official x402 clients that tests/x402.rs runs, pinned in tests/interop/: npm
+# The official x402 clients that tests/it/x402.rs runs (and the Flask and Starlette
+# origins tests/it/bypass.rs attacks), pinned in tests/interop/: npm
 # (x402-fetch 1.x, @x402/fetch 2.x) and PyPI (x402 2.x). Installed under
 # target/interop/ and reinstalled only when their pins change; a failed install fails
 # here rather than letting the tests skip.
