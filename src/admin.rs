@@ -1,4 +1,4 @@
-//! The admin listener (DESIGN §6): `/metrics`, `/healthz`, `/readyz`, and the
+//! The admin listener (the README's "Operations" section): `/metrics`, `/healthz`, `/readyz`, and the
 //! `/admin/*` JSON API behind the admin bearer token (compared in constant time).
 //!
 //! Errors are `{"error": "…"}` saying what to do next. A credit whose idempotency key

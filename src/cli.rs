@@ -1,4 +1,4 @@
-//! The command line (DESIGN §2).
+//! The command line (the README's "Command line" table).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

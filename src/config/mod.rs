@@ -1,4 +1,4 @@
-//! Configuration: one TOML file (DESIGN §3), parsed once into types.
+//! Configuration: one TOML file, parsed once into types (see ARCHITECTURE.md, "Config").
 //!
 //! Loading happens in three passes so that one run reports every problem, the way
 //! linkerd's `env.rs` and pingora's `validate()` do:

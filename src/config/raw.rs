@@ -1,5 +1,5 @@
 //! What the file says: serde structs of strings and numbers, with the defaults of
-//! DESIGN §3. Nothing here is used past [`super::Config::parse`]; the typed sections
+//! the README's configuration reference. Nothing here is used past [`super::Config::parse`]; the typed sections
 //! are built from these by each section's `parse`.
 //!
 //! `deny_unknown_fields` everywhere: a misspelt key is an error with its path.

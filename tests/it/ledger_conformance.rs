@@ -1,4 +1,4 @@
-//! The ledger conformance suite (DESIGN §5): the same cases, asserting the same exact
+//! The ledger conformance suite (ARCHITECTURE.md, "The ledger" and "Invariants"): the same cases, asserting the same exact
 //! numbers, run against every backend.
 //!
 //! Each case in [`suite`] takes a fresh, empty `Arc<dyn Ledger>`. A backend joins with
@@ -60,7 +60,7 @@ pub(crate) mod suite {
         of_kind(rows, kind).iter().map(|t| t.amount.get()).sum()
     }
 
-    /// `balance = Σ credit − Σ debit + Σ refund` (DESIGN §5).
+    /// `balance = Σ credit − Σ debit + Σ refund` (ARCHITECTURE.md, "Invariants").
     async fn assert_invariant(l: &Arc<dyn Ledger>, id: &str) {
         let rows = rows(l, id).await;
         let expected = sum(&rows, TxKind::Credit) + sum(&rows, TxKind::Refund) - sum(&rows, TxKind::Debit);
