@@ -36,10 +36,6 @@ fn addr(gw: &Gateway) -> SocketAddr {
     gw.base.trim_start_matches("http://").parse().unwrap()
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Sends a request line and header lines (`Connection: close` added) on a new
 /// connection and returns the status code of the answer's head.
 async fn raw_status(addr: SocketAddr, request_line: &[u8], headers: &str) -> u16 {
@@ -319,14 +315,7 @@ async fn upgrading_origin() -> (String, Arc<Mutex<Vec<String>>>) {
             let Ok((mut s, _)) = listener.accept().await else { return };
             let h = h.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while find(&buf, b"\r\n\r\n").is_none() {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
+                let Some(buf) = read_head(&mut s).await else { return };
                 let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
                 h.lock().unwrap().push(head.clone());
                 let proto = head

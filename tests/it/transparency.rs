@@ -106,14 +106,7 @@ async fn raw_upstream(response: &'static [u8]) -> (String, Arc<Mutex<Vec<String>
             let Ok((mut s, _)) = listener.accept().await else { return };
             let h = h.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while find(&buf, b"\r\n\r\n").is_none() {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
+                let Some(buf) = read_head(&mut s).await else { return };
                 h.lock().unwrap().push(String::from_utf8_lossy(&buf).into_owned());
                 let _ = s.write_all(response).await;
                 let _ = s.shutdown().await;
@@ -121,10 +114,6 @@ async fn raw_upstream(response: &'static [u8]) -> (String, Arc<Mutex<Vec<String>
         }
     });
     (url, heads)
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Writes `request` on a new connection and reads until the server closes it.

@@ -329,3 +329,23 @@ pub(crate) fn keys_cli_round_trip(cfg: &std::path::Path) -> String {
     assert!(err.contains("6 decimal"), "{err}");
     id
 }
+
+/// Where `needle` first occurs in `hay`.
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads from `s` until a complete request head arrived; `None` if the peer closed or
+/// failed first. For hand-written upstreams that must see exactly what was sent.
+pub(crate) async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while find(&buf, b"\r\n\r\n").is_none() {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(buf)
+}
