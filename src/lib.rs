@@ -14,6 +14,7 @@ pub(crate) mod demo;
 pub(crate) mod doctor;
 pub mod gateway;
 pub mod ledger;
+pub mod meter;
 pub mod metrics;
 pub mod money;
 pub mod payment;
