@@ -39,6 +39,15 @@ pub struct RouteRail {
     pub rail: &'static str,
 }
 
+/// `kind`: input, cached_input, cache_write_input or output; `model` is the matching
+/// `[[model]]` entry's name (bounded by the config), not the request's.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteModelKind {
+    pub route: String,
+    pub model: String,
+    pub kind: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: String,
@@ -90,6 +99,8 @@ pub struct Metrics {
     pub ledger_errors: Counter,
     pub inflight: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub config_reloads: Family<ReloadResult, Counter>,
+    pub tokens: Family<RouteModelKind, Counter>,
+    pub metered_overrun: Family<RouteLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,6 +136,8 @@ impl Metrics {
             ledger_errors: Counter::default(),
             inflight: Gauge::default(),
             config_reloads: Family::default(),
+            tokens: Family::default(),
+            metered_overrun: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by route and outcome", m.requests.clone());
@@ -167,6 +180,16 @@ impl Metrics {
         registry.register("ledger_errors", "Ledger operations that failed", m.ledger_errors.clone());
         registry.register("inflight_requests", "Requests being served now", m.inflight.clone());
         registry.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
+        registry.register(
+            "tokens",
+            "Tokens charged on metered routes, by route, model entry and kind",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "metered_overrun",
+            "Metered requests whose reported usage cost more than their hold (charged the hold)",
+            m.metered_overrun.clone(),
+        );
         Metrics { registry, ..m }
     }
 

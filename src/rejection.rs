@@ -31,6 +31,8 @@ pub enum Rejection {
     Upstream(ProxyError),
     /// The payment gate refused the request.
     Payment(Box<PaymentRefusal>),
+    /// A metered route cannot price the request (no model price, unreadable, too large).
+    Metering(MeterRefusal),
     /// A fault of tollgate's own; says where.
     Internal(&'static str),
 }
@@ -44,6 +46,15 @@ pub struct PaymentRefusal {
     pub topup_url: Option<String>,
     /// One part per offered rail, in the route's `accept` order.
     pub parts: Vec<ChallengePart>,
+}
+
+/// Why a metered route could not price a request; nothing was held or forwarded.
+#[derive(Debug)]
+pub struct MeterRefusal {
+    /// `model_not_priced`, `request_unreadable` or `request_too_large`.
+    pub code: &'static str,
+    pub detail: String,
+    pub route: String,
 }
 
 /// What every rendered answer needs to know about its request.
@@ -72,6 +83,7 @@ impl Rejection {
             Rejection::Upstream(ProxyError::Unrouted) => "internal_error",
             Rejection::Upstream(_) => "upstream_unavailable",
             Rejection::Payment(p) => p.denial.reason.as_str(),
+            Rejection::Metering(m) => m.code,
             Rejection::Internal(_) => "internal_error",
         }
     }
@@ -96,6 +108,7 @@ impl Rejection {
             }
             Rejection::Upstream(_) => "The upstream could not be reached; nothing was charged.".to_owned(),
             Rejection::Payment(p) => p.denial.detail.clone(),
+            Rejection::Metering(m) => m.detail.clone(),
             Rejection::Internal(what) => {
                 format!("tollgate failed to handle the request ({what}); nothing was charged.")
             }
@@ -107,6 +120,12 @@ impl Rejection {
         let detail = self.detail(r);
         let mut res = match self {
             Rejection::Payment(p) => payment(*p, status, detail, r),
+            Rejection::Metering(m) => {
+                let mut extra = Map::new();
+                extra.insert("reason".into(), json!(m.code));
+                extra.insert("route".into(), json!(m.route));
+                problem::problem_response(r.public_base, m.code, status, detail, r.instance, r.request_id, extra)
+            }
             other => problem::problem_response(
                 r.public_base,
                 other.code(),

@@ -17,6 +17,7 @@
 //! a config string again or falls back on a default for a bad one.
 
 mod expand;
+mod model;
 pub(crate) mod raw;
 pub mod route;
 pub mod server;
@@ -27,7 +28,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
 
-pub use self::route::{ChargeOn, PathPattern, Pricing, RateLimit, RouteConfig};
+pub use self::route::{ChargeOn, MeterPlan, OnDisconnect, PathPattern, Pricing, RateLimit, RouteConfig};
 pub use self::server::{
     AdminConfig, LedgerBackend, LedgerConfig, LogConfig, LogFormat, ServerConfig, Synchronous, TlsConfig,
 };
@@ -39,6 +40,7 @@ pub use crate::payment::rails::x402::config::{evm_chain_id, OfferConfig, SettleM
 use self::raw::RawConfig;
 use self::route::RouteContext;
 use self::values::Problems;
+use crate::meter::ModelPrice;
 
 /// Every problem found in a config file, each with the key path it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,8 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// `[[model]]`: token prices of metered routes, in file order.
+    pub models: Vec<ModelPrice>,
     pub credits: CreditsConfig,
     pub x402: Option<X402Config>,
     pub log: LogConfig,
@@ -112,8 +116,14 @@ impl Config {
         let ledger = LedgerConfig::parse(raw.ledger, p);
         let mut upstream_names = HashSet::new();
         let upstreams = UpstreamConfig::parse_all(&raw.upstreams, &mut upstream_names, p);
-        let cx = RouteContext { upstreams: &upstream_names, rails: crate::payment::rails::KNOWN, sections };
+        let cx = RouteContext {
+            upstreams: &upstream_names,
+            rails: crate::payment::rails::KNOWN,
+            sections,
+            has_models: !raw.models.is_empty(),
+        };
         let routes = RouteConfig::parse_all(raw.routes, &cx, p);
+        let models = model::parse_all(raw.models, p);
         let credits = CreditsConfig::parse(raw.credits, p);
         let x402 = match raw.x402 {
             None => Some(None),
@@ -125,6 +135,7 @@ impl Config {
             ledger: ledger?,
             upstreams: upstreams?,
             routes: routes?,
+            models: models?,
             credits: credits?,
             x402: x402?,
             log: raw.log,

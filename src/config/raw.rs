@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::route::ChargeOn;
+use super::route::{ChargeOn, OnDisconnect};
 use super::server::{LedgerBackend, LogConfig, Synchronous};
 use crate::payment::rails::credits::config::RawCreditsConfig;
 use crate::payment::rails::x402::config::RawX402Config;
@@ -26,6 +26,8 @@ pub(crate) struct RawConfig {
     pub upstreams: Vec<RawUpstream>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
+    #[serde(default, rename = "model")]
+    pub models: Vec<RawModel>,
     #[serde(default)]
     pub credits: RawCreditsConfig,
     pub x402: Option<RawX402Config>,
@@ -146,6 +148,23 @@ pub(crate) struct RawRoute {
     pub mime_type: Option<String>,
     #[serde(default = "defaults::upgrades")]
     pub upgrades: Vec<String>,
+    pub meter: Option<String>,
+    pub max_price: Option<String>,
+    pub on_disconnect: Option<OnDisconnect>,
+    pub max_request_bytes: Option<usize>,
+    pub max_response_bytes: Option<usize>,
+}
+
+/// `[[model]]`: what a model's tokens cost, USD per 1M tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawModel {
+    pub name: String,
+    pub input: String,
+    pub cached_input: Option<String>,
+    pub cache_write_input: Option<String>,
+    pub output: String,
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

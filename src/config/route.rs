@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::raw::{RawRateLimit, RawRoute};
 use super::values::{parse_rate, Problems, Rate};
+use crate::meter::Meter;
 use crate::money::Micros;
 use crate::payment::rails::RailSpec;
 
@@ -66,15 +67,16 @@ impl fmt::Display for PathPattern {
 /// What a request on a route costs. Every priced variant is charged through the
 /// route's `accept` rails.
 ///
-/// Code that charges matches on the variant rather than asking for an amount, so a
-/// pricing that is only known once the response is done (metered) is a new variant
-/// the compiler walks every such place through.
+/// Code that charges matches on the variant rather than asking for an amount: a
+/// metered request's amount is known only once its response is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pricing {
     /// `free = true`: no payment is asked for or read.
     Free,
     /// `price = "0.002"`: the same amount for every request, above zero.
     Fixed(Micros),
+    /// `meter = "openai-chat"`: the tokens the upstream reports, priced by `[[model]]`.
+    Metered(MeterPlan),
 }
 
 impl Pricing {
@@ -82,14 +84,45 @@ impl Pricing {
         matches!(self, Pricing::Free)
     }
 
-    /// The amount held before forwarding; `None` for free routes.
+    /// The amount held before forwarding, when it is the same for every request:
+    /// `None` for free and metered routes.
     pub fn price(&self) -> Option<Micros> {
         match self {
-            Pricing::Free => None,
+            Pricing::Free | Pricing::Metered(_) => None,
             Pricing::Fixed(m) => Some(*m),
         }
     }
 }
+
+/// A metered route's keys: how usage is read and what bounds a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeterPlan {
+    pub meter: Meter,
+    /// `price`: a fixed part added to every request's metered part (zero if unset).
+    pub fixed: Micros,
+    /// `max_price`: the most one request is held (and so charged).
+    pub max_price: Option<Micros>,
+    pub on_disconnect: OnDisconnect,
+    /// Longest request body read to find the model (413 above it).
+    pub max_request_bytes: usize,
+    /// Longest non-streamed response body read to find the usage.
+    pub max_response_bytes: usize,
+}
+
+/// `on_disconnect`: what a metered stream does when its client leaves.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisconnect {
+    /// Read the upstream to its end and charge the usage it reports (providers bill the
+    /// whole generation).
+    #[default]
+    Finish,
+    /// Cancel the upstream request and charge the input and the output delivered.
+    Stop,
+}
+
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +175,8 @@ pub(super) struct RouteContext<'a> {
     pub rails: &'a [RailSpec],
     /// The top-level sections present in the file (a rail may need its own).
     pub sections: &'a HashSet<String>,
+    /// Whether any `[[model]]` is configured (a metered route needs one).
+    pub has_models: bool,
 }
 
 impl RouteConfig {
@@ -204,8 +239,25 @@ impl RouteConfig {
                 p.push(format_args!("{at}.strip_prefix"), "must start with '/'");
             }
         }
-        let pricing = parse_pricing(&at, r.price.as_deref(), r.free, p);
-        let accept = parse_accept(&at, &r.accept, r.free, cx, p);
+        let pricing = match &r.meter {
+            None => {
+                let metered_only = [
+                    ("max_price", r.max_price.is_some()),
+                    ("on_disconnect", r.on_disconnect.is_some()),
+                    ("max_request_bytes", r.max_request_bytes.is_some()),
+                    ("max_response_bytes", r.max_response_bytes.is_some()),
+                ];
+                for (key, set) in metered_only {
+                    if set {
+                        p.push(format_args!("{at}.{key}"), "applies only to metered routes (set meter)");
+                    }
+                }
+                parse_pricing(&at, r.price.as_deref(), r.free, p)
+            }
+            Some(m) => parse_meter(&at, m, &r, cx, p),
+        };
+        let metered = matches!(pricing, Some(Pricing::Metered(_)));
+        let accept = parse_accept(&at, &r.accept, r.free, metered, cx, p);
         let rate_limit = match &r.rate_limit {
             None => Some(None),
             Some(rl) => parse_rate_limit(&at, rl, p).map(Some),
@@ -245,11 +297,69 @@ fn parse_pricing(at: &str, price: Option<&str>, free: bool, p: &mut Problems) ->
     None
 }
 
+/// A metered route's keys (`meter`, and the optional `price`, `max_price`,
+/// `on_disconnect`, `max_request_bytes`, `max_response_bytes`).
+fn parse_meter(at: &str, meter: &str, r: &RawRoute, cx: &RouteContext<'_>, p: &mut Problems) -> Option<Pricing> {
+    let before = p.len();
+    let known = || Meter::ALL.iter().map(|m| format!("{:?}", m.as_str())).collect::<Vec<_>>().join(", ");
+    let parsed = Meter::parse(meter);
+    if parsed.is_none() {
+        p.push(format_args!("{at}.meter"), format_args!("unknown meter {meter:?} (known: {})", known()));
+    }
+    if r.free {
+        p.push(format_args!("{at}.free"), "a route cannot be free and metered");
+    }
+    if !cx.has_models {
+        p.push(
+            format_args!("{at}.meter"),
+            "no [[model]] is configured: a metered route prices tokens by model (add [[model]] entries, \"*\" for any model)",
+        );
+    }
+    let money = |p: &mut Problems, key: &str, v: Option<&str>| -> Option<Option<Micros>> {
+        match v {
+            None => Some(None),
+            Some(s) => p.check(format_args!("{at}.{key}"), Micros::parse(s).map_err(|e| e.to_string())).map(Some),
+        }
+    };
+    let fixed = money(p, "price", r.price.as_deref());
+    let max_price = money(p, "max_price", r.max_price.as_deref());
+    if max_price == Some(Some(Micros::ZERO)) {
+        p.push(format_args!("{at}.max_price"), "must be above zero");
+    }
+    if let (Some(Some(f)), Some(Some(m))) = (fixed, max_price) {
+        if f > m {
+            p.push(format_args!("{at}.max_price"), "must not be below the route's fixed price");
+        }
+    }
+    let bytes = |p: &mut Problems, key: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => {
+            p.push(format_args!("{at}.{key}"), "must be above zero");
+            None
+        }
+        Some(n) => Some(n),
+        None => Some(default),
+    };
+    let max_request_bytes = bytes(p, "max_request_bytes", r.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+    let max_response_bytes = bytes(p, "max_response_bytes", r.max_response_bytes, DEFAULT_MAX_RESPONSE_BYTES);
+    if p.len() != before {
+        return None;
+    }
+    Some(Pricing::Metered(MeterPlan {
+        meter: parsed?,
+        fixed: fixed?.unwrap_or(Micros::ZERO),
+        max_price: max_price?,
+        on_disconnect: r.on_disconnect.unwrap_or_default(),
+        max_request_bytes: max_request_bytes?,
+        max_response_bytes: max_response_bytes?,
+    }))
+}
+
 /// The `accept` list against the rails the build knows and the sections the file has.
 fn parse_accept(
     at: &str,
     accept: &[String],
     free: bool,
+    metered: bool,
     cx: &RouteContext<'_>,
     p: &mut Problems,
 ) -> Option<Vec<&'static str>> {
@@ -272,6 +382,14 @@ fn parse_accept(
                     format_args!("unknown rail {a:?} (known: {})", known.join(", ")),
                 );
             }
+            Some(rail) if metered && !rail.metered => p.push(
+                format_args!("{at}.accept[{j}]"),
+                format_args!(
+                    "{:?} cannot pay a metered route: it settles one amount signed before the request, and a \
+                     metered charge is known only once the response is done (accept \"credits\")",
+                    rail.name
+                ),
+            ),
             Some(rail) => match rail.section {
                 Some(section) if !cx.sections.contains(section) => p.push(
                     format_args!("{at}.accept[{j}]"),

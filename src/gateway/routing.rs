@@ -24,7 +24,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::payment::Refused;
 use crate::problem::{self, PROBLEM_PATH};
 use crate::proxy::headers::TrustedProxies;
-use crate::proxy::{ConnInfo, ProxyError};
+use crate::proxy::{ConnInfo, ProxyError, ReqBody};
 use crate::rejection::{Rejection, Responder};
 use crate::route::{normalize_host, RequestCtx, RouteTable, Unroutable};
 use crate::Body;
@@ -55,7 +55,7 @@ impl Routing {
     /// fails: every problem is a response.
     async fn route<S>(&self, mut req: Request<Incoming>, inner: S) -> Response<Body>
     where
-        S: Service<Request<Incoming>, Response = Response<Body>, Error = ProxyError>,
+        S: Service<Request<ReqBody>, Response = Response<Body>, Error = ProxyError>,
     {
         let started = Instant::now();
         let snap = self;
@@ -123,7 +123,7 @@ impl Routing {
             client_ip,
         }));
 
-        let answer = inner.oneshot(req).await;
+        let answer = inner.oneshot(req.map(ReqBody::Incoming)).await;
         let (res, counter) = match answer {
             Ok(res) => {
                 let counter = match res.extensions().get::<Refused>() {
@@ -191,7 +191,7 @@ pub(super) struct RouteService<S> {
 
 impl<S> Service<Request<Incoming>> for RouteService<S>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = ProxyError> + Clone + Send + 'static,
+    S: Service<Request<ReqBody>, Response = Response<Body>, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send,
 {
     type Response = Response<Body>;

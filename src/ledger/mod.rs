@@ -143,6 +143,14 @@ pub enum HoldOutcome {
     },
 }
 
+/// A metered debit's detail, recorded with its capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metered {
+    pub model: String,
+    pub usage: crate::meter::Usage,
+    pub source: crate::meter::UsageSource,
+}
+
 /// Identifies one hold (the debit transaction row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HoldId(pub i64);

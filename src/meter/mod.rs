@@ -129,3 +129,5 @@ pub enum Unreadable {
     #[error("{0}")]
     BadField(String),
 }
+mod stub;
+pub use stub::*;

@@ -14,12 +14,15 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tower::{Service, ServiceExt};
 
+use super::metered::{self, Bill, Charger, MeteredBody, MeteredCall};
 use super::ratelimit::Limiter;
-use super::{Charge, Denial, Grant, Paid, Rails, Reason, Refused};
+use super::{Charge, Denial, Grant, Paid, Rails, Reason, Receipt, Refused};
 use crate::config::{ChargeOn, Config, Pricing, Rate};
-use crate::metrics::{Metrics, RailLabel, RouteRail, RouteRailResult, RouteReason};
+use crate::ledger::Metered;
+use crate::meter::ModelPrice;
+use crate::metrics::{Metrics, RailLabel, RouteLabel, RouteModelKind, RouteRail, RouteRailResult, RouteReason};
 use crate::money::Micros;
-use crate::proxy::ProxyError;
+use crate::proxy::{ProxyError, ReqBody};
 use crate::rejection::{self, PaymentRefusal, Rejection, Responder};
 use crate::route::{RequestCtx, RouteTable};
 use crate::Body;
@@ -32,6 +35,8 @@ pub struct PaymentGate {
     topup_url: Option<String>,
     routes: HashMap<usize, RouteGate>,
     all_credential_headers: Vec<HeaderName>,
+    /// `[[model]]`, for metered routes.
+    models: Vec<ModelPrice>,
 }
 
 impl std::fmt::Debug for PaymentGate {
@@ -45,6 +50,35 @@ struct RouteGate {
     per_ip: Option<Limiter>,
     required: Vec<Counter>,
     rails: Vec<RailHandles>,
+    metered: Option<MeterHandles>,
+}
+
+/// A metered route's own handles.
+struct MeterHandles {
+    overrun: Counter,
+    /// Per `[[model]]` name: input, cached_input, cache_write_input, output.
+    tokens: HashMap<String, [Counter; 4]>,
+    /// The route's upstream timeout: bounds reading a whole response, and reading on
+    /// after a client left a stream.
+    upstream_timeout: std::time::Duration,
+}
+
+/// How a paid request's charge ends.
+enum Plan {
+    /// At the response head, for the route's price.
+    Fixed(Micros),
+    /// At the end of the response body, for the tokens used (`metered.rs`).
+    Metered(Box<MeteredCall>),
+}
+
+impl Plan {
+    /// The amount held before forwarding.
+    fn hold(&self) -> Micros {
+        match self {
+            Plan::Fixed(p) => *p,
+            Plan::Metered(c) => c.hold.amount,
+        }
+    }
 }
 
 struct RailHandles {
@@ -102,6 +136,30 @@ impl PaymentGate {
                     }
                 })
                 .collect();
+            let metered = matches!(route.pricing, Pricing::Metered(_)).then(|| MeterHandles {
+                overrun: metrics.metered_overrun.get_or_create(&RouteLabel { route: name.clone() }).clone(),
+                tokens: cfg
+                    .models
+                    .iter()
+                    .map(|m| {
+                        let kind = |kind: &'static str| {
+                            metrics
+                                .tokens
+                                .get_or_create(&RouteModelKind { route: name.clone(), model: m.name.clone(), kind })
+                                .clone()
+                        };
+                        (
+                            m.name.clone(),
+                            [kind("input"), kind("cached_input"), kind("cache_write_input"), kind("output")],
+                        )
+                    })
+                    .collect(),
+                upstream_timeout: cfg
+                    .upstreams
+                    .iter()
+                    .find(|u| *u.name == *route.upstream)
+                    .map_or(std::time::Duration::from_secs(60), |u| u.timeout),
+            });
             gates.insert(
                 route.index,
                 RouteGate {
@@ -109,6 +167,7 @@ impl PaymentGate {
                     per_ip: limiter(rl.and_then(|r| r.per_ip)),
                     required,
                     rails: rail_handles,
+                    metered,
                 },
             );
         }
@@ -119,6 +178,7 @@ impl PaymentGate {
             topup_url: cfg.credits.topup_url.clone(),
             routes: gates,
             all_credential_headers,
+            models: cfg.models.clone(),
         }
     }
 
@@ -161,17 +221,20 @@ impl PaymentGate {
         let reason = refusal.denial.reason;
         let responder = Responder { public_base: &self.public_base, request_id: &ctx.request_id, instance: path, html };
         let mut res = Rejection::Payment(Box::new(refusal)).into_response(&responder);
-        res.extensions_mut().insert(Refused(reason));
+        res.extensions_mut().insert(Refused(reason.as_str()));
         res
     }
 
     /// One request through the gate: a free route passes (scrubbed of tollgate's
     /// credentials), a priced one goes through [`PaymentGate::run`].
-    pub(super) async fn handle<S, B>(self: Arc<Self>, req: Request<B>, inner: S) -> Result<Response<Body>, ProxyError>
+    pub(super) async fn handle<S>(
+        self: Arc<Self>,
+        req: Request<ReqBody>,
+        inner: S,
+    ) -> Result<Response<Body>, ProxyError>
     where
-        S: Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
+        S: Service<Request<ReqBody>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
         S::Future: Send,
-        B: Send + 'static,
     {
         let Some(ctx) = req.extensions().get::<Arc<RequestCtx>>().cloned() else {
             // Without a matched route the gate cannot know the price: fail closed.
@@ -186,26 +249,57 @@ impl PaymentGate {
                 }
                 inner.oneshot(req).await
             }
-            Pricing::Fixed(price) => self.run(ctx, price, req, inner).await,
+            Pricing::Fixed(price) => self.run(ctx, Plan::Fixed(price), req, inner).await,
+            Pricing::Metered(plan) => {
+                let html = rejection::prefers_html(req.headers());
+                let path = req.uri().path().to_owned();
+                match metered::price_request(plan, &self.models, &ctx.route.name, req).await {
+                    Ok((call, req)) => self.run(ctx, Plan::Metered(Box::new(call)), req, inner).await,
+                    Err(refusal) => {
+                        tracing::info!(
+                            request_id = %ctx.request_id,
+                            route = %ctx.route.name,
+                            reason = refusal.code,
+                            detail = %refusal.detail,
+                            "metered request refused"
+                        );
+                        let code = refusal.code;
+                        let r = Responder {
+                            public_base: &self.public_base,
+                            request_id: &ctx.request_id,
+                            instance: &path,
+                            html,
+                        };
+                        let mut res = Rejection::Metering(refusal).into_response(&r);
+                        res.extensions_mut().insert(Refused(code));
+                        Ok(res)
+                    }
+                }
+            }
         }
     }
 
-    /// The whole gate for one request on a route priced at `price`.
-    async fn run<S, B>(
+    /// The whole gate for one priced request; `plan` says what is held and how the
+    /// charge ends.
+    async fn run<S>(
         self: Arc<Self>,
         ctx: Arc<RequestCtx>,
-        price: Micros,
-        mut req: Request<B>,
+        plan: Plan,
+        mut req: Request<ReqBody>,
         inner: S,
     ) -> Result<Response<Body>, ProxyError>
     where
-        S: Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
+        S: Service<Request<ReqBody>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
         S::Future: Send,
-        B: Send + 'static,
     {
         let route = &ctx.route;
         let path = req.uri().path().to_owned();
         let html = rejection::prefers_html(req.headers());
+        let price = plan.hold();
+        let hold_note = match &plan {
+            Plan::Metered(c) => Some(c.note.as_str()),
+            Plan::Fixed(_) => None,
+        };
         let charge = Charge {
             route,
             price,
@@ -213,6 +307,7 @@ impl PaymentGate {
             client_ip: ctx.client_ip,
             public_base: &self.public_base,
             path: &path,
+            hold_note,
         };
         let gate = self.routes.get(&route.index);
 
@@ -237,11 +332,18 @@ impl PaymentGate {
                 ),
                 None => Denial::new(
                     Reason::PaymentMissing,
-                    format!(
-                        "Route {} costs {price} USD per request; pay with {}.",
-                        route.name,
-                        route.accept.join(" or ")
-                    ),
+                    match hold_note {
+                        None => format!(
+                            "Route {} costs {price} USD per request; pay with {}.",
+                            route.name,
+                            route.accept.join(" or ")
+                        ),
+                        Some(note) => format!(
+                            "Route {} charges per token, up to {price} USD for this request ({note}); pay with {}.",
+                            route.name,
+                            route.accept.join(" or ")
+                        ),
+                    },
                 ),
             };
             return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
@@ -312,7 +414,10 @@ impl PaymentGate {
         let task = tokio::spawn(async move {
             let guard = GrantGuard(Some(grant));
             let answer = inner.oneshot(req).await;
-            this.settle(&ctx, price, guard, answer, path, html).await
+            match plan {
+                Plan::Fixed(price) => this.settle(&ctx, price, guard, answer, path, html).await,
+                Plan::Metered(call) => this.settle_metered(ctx, *call, guard, answer, path, html).await,
+            }
         });
         match task.await {
             Ok(res) => res,
@@ -354,41 +459,15 @@ impl PaymentGate {
             }
             return answer;
         }
-        let started = Instant::now();
-        let committed = grant.commit().await;
-        if let Some(h) = handles {
-            h.settle.observe(started.elapsed().as_secs_f64());
-        }
-        match committed {
+        match self.commit(gate, grant, price, None).await {
             Ok(receipt) => {
-                if let Some(h) = handles {
-                    if receipt.revenue > 0 {
-                        h.success.inc();
-                        h.revenue.inc_by(receipt.revenue);
-                    } else {
-                        h.refunded.inc();
-                    }
-                }
                 // Charged after a timeout under "always": the caller gets the 504, with
                 // no receipt to attach it to.
                 let mut res = answer?;
-                let expose: Vec<&str> = receipt.headers.iter().map(|(k, _)| k.as_str()).collect();
-                let expose = expose.join(", ");
-                let rh = res.headers_mut();
-                for (k, v) in receipt.headers {
-                    rh.insert(k, v);
-                }
-                if let Ok(v) = HeaderValue::from_str(&expose) {
-                    if !expose.is_empty() {
-                        rh.append(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
-                    }
-                }
+                attach_receipt(res.headers_mut(), receipt);
                 Ok(res)
             }
             Err(d) => {
-                if let Some(h) = handles {
-                    h.failed.inc();
-                }
                 // The upstream body is dropped unread: the caller does not get what it
                 // was not charged for.
                 let charge = Charge {
@@ -398,18 +477,173 @@ impl PaymentGate {
                     client_ip: ctx.client_ip,
                     public_base: &self.public_base,
                     path: &path,
+                    hold_note: None,
                 };
                 Ok(self.refuse(&path, html, ctx, &charge, d, gate))
             }
         }
     }
+
+    /// Commits `grant` for `amount` and counts the outcome in the rail's metrics.
+    async fn commit(
+        &self,
+        gate: Option<&RouteGate>,
+        grant: Box<dyn Grant>,
+        amount: Micros,
+        metered: Option<&Metered>,
+    ) -> Result<Receipt, Denial> {
+        let handles = gate.and_then(|g| g.rails.iter().find(|h| h.name == grant.rail()));
+        let started = Instant::now();
+        let committed = grant.commit(amount, metered).await;
+        if let Some(h) = handles {
+            h.settle.observe(started.elapsed().as_secs_f64());
+            match &committed {
+                Ok(r) if r.revenue > 0 => {
+                    h.success.inc();
+                    h.revenue.inc_by(r.revenue);
+                }
+                Ok(_) => {
+                    h.refunded.inc();
+                }
+                Err(_) => {
+                    h.failed.inc();
+                }
+            }
+        }
+        committed
+    }
+
+    /// Whether a metered answer with a status of 400 or above is charged at all (its
+    /// fixed part, or its usage when it reported any): a 4xx is; a 5xx is only under
+    /// `charge_on = "always"`.
+    pub(super) fn chargeable_status(&self, ctx: &RequestCtx, status: http::StatusCode) -> bool {
+        ctx.route.charge_on == ChargeOn::Always || status.as_u16() < 500
+    }
+
+    /// Ends a metered charge with its bill: the tokens in the metrics, the capture.
+    pub(super) async fn close_metered(
+        &self,
+        ctx: &RequestCtx,
+        call: &MeteredCall,
+        grant: Box<dyn Grant>,
+        bill: &Bill,
+    ) -> Result<Receipt, Denial> {
+        let gate = self.routes.get(&ctx.route.index);
+        if let Some(m) = gate.and_then(|g| g.metered.as_ref()) {
+            if bill.overrun {
+                m.overrun.inc();
+                tracing::warn!(
+                    request_id = %ctx.request_id,
+                    route = %ctx.route.name,
+                    hold = %call.hold.amount,
+                    "reported usage cost more than the hold; charged the hold"
+                );
+            }
+            if let Some((metered, counters)) = bill.metered.as_ref().and_then(|b| Some((b, m.tokens.get(&b.model)?))) {
+                let u = metered.usage;
+                for (c, n) in counters.iter().zip([u.input, u.cached_input, u.cache_write_input, u.output]) {
+                    c.inc_by(n);
+                }
+            }
+        }
+        let committed = self.commit(gate, grant, bill.amount, bill.metered.as_ref()).await;
+        if let Err(d) = &committed {
+            tracing::warn!(request_id = %ctx.request_id, reason = d.reason.as_str(), "metered charge not captured");
+        }
+        committed
+    }
+
+    /// Ends the charge of a forwarded metered request. A failure before any answer,
+    /// and a non-streamed answer, end it here, before the head is sent; an event
+    /// stream ends it in its body ([`MeteredBody`]).
+    async fn settle_metered(
+        self: Arc<Self>,
+        ctx: Arc<RequestCtx>,
+        call: MeteredCall,
+        mut guard: GrantGuard,
+        answer: Result<Response<Body>, ProxyError>,
+        path: String,
+        html: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let gate = self.routes.get(&ctx.route.index);
+        let timeout =
+            gate.and_then(|g| g.metered.as_ref()).map_or(std::time::Duration::from_secs(60), |m| m.upstream_timeout);
+        let res = match answer {
+            Ok(res) => res,
+            Err(e) => {
+                let chargeable = ctx.route.charge_on == ChargeOn::Always && e.reached_upstream();
+                let bill = metered::bill(&call, metered::Ending::Failed { chargeable }, None, 0);
+                let _ = self.close_metered(&ctx, &call, guard.take(), &bill).await;
+                return Err(e);
+            }
+        };
+        let status = res.status();
+        if metered::is_event_stream(res.headers()) {
+            let (mut parts, body) = res.into_parts();
+            metered::stream_head(&mut parts.headers, &call);
+            let charger = Charger { gate: self.clone(), ctx, call, grant: guard, status };
+            let body = MeteredBody::new(body, charger, timeout);
+            return Ok(Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body)));
+        }
+        let (mut parts, body) = res.into_parts();
+        let (ending, bytes) = match metered::read_whole(body, call.plan.max_response_bytes, timeout).await {
+            Ok(bytes) if status.as_u16() < 400 => (metered::Ending::Answered, Ok(bytes)),
+            Ok(bytes) => (metered::Ending::Failed { chargeable: self.chargeable_status(&ctx, status) }, Ok(bytes)),
+            Err(why) => (metered::Ending::Failed { chargeable: ctx.route.charge_on == ChargeOn::Always }, Err(why)),
+        };
+        let read = bytes.as_ref().map(|b| crate::meter::response_usage(call.plan.meter, b)).ok();
+        let usage = read.as_ref().and_then(|r| r.usage);
+        let counted = read.as_ref().map_or(0, |r| r.output_tokens_counted);
+        let bill = metered::bill(&call, ending, usage, counted);
+        let committed = self.close_metered(&ctx, &call, guard.take(), &bill).await;
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(why) => {
+                tracing::warn!(request_id = %ctx.request_id, route = %ctx.route.name, error = why, "metered response unreadable");
+                return Err(ProxyError::Upstream { upstream: ctx.route.upstream.clone(), source: why.into() });
+            }
+        };
+        match committed {
+            Ok(receipt) => {
+                attach_receipt(&mut parts.headers, receipt);
+                parts.headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                Ok(Response::from_parts(parts, crate::full(bytes)))
+            }
+            Err(d) => {
+                let charge = Charge {
+                    route: &ctx.route,
+                    price: call.hold.amount,
+                    request_id: &ctx.request_id,
+                    client_ip: ctx.client_ip,
+                    public_base: &self.public_base,
+                    path: &path,
+                    hold_note: Some(&call.note),
+                };
+                Ok(self.refuse(&path, html, &ctx, &charge, d, gate))
+            }
+        }
+    }
+}
+
+/// Puts a receipt's headers on a response head, readable by browser clients.
+fn attach_receipt(headers: &mut http::HeaderMap, receipt: Receipt) {
+    let expose: Vec<&str> = receipt.headers.iter().map(|(k, _)| k.as_str()).collect();
+    let expose = expose.join(", ");
+    if let Ok(v) = HeaderValue::from_str(&expose) {
+        if !expose.is_empty() {
+            headers.append(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+        }
+    }
+    for (k, v) in receipt.headers {
+        headers.insert(k, v);
+    }
 }
 
 /// Releases a grant whose request was abandoned (client gone, task cancelled).
-struct GrantGuard(Option<Box<dyn Grant>>);
+pub(super) struct GrantGuard(Option<Box<dyn Grant>>);
 
 impl GrantGuard {
-    fn take(&mut self) -> Box<dyn Grant> {
+    pub(super) fn take(&mut self) -> Box<dyn Grant> {
         self.0.take().expect("grant taken once")
     }
 }

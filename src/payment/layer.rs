@@ -13,7 +13,7 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 pub use super::gate::PaymentGate;
-use crate::proxy::ProxyError;
+use crate::proxy::{ProxyError, ReqBody};
 use crate::Body;
 
 // === impl PaymentLayer ===
@@ -44,11 +44,10 @@ pub struct PaymentService<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for PaymentService<S>
+impl<S> Service<Request<ReqBody>> for PaymentService<S>
 where
-    S: Service<Request<B>, Response = Response<Body>, Error = ProxyError> + Clone + Send + 'static,
+    S: Service<Request<ReqBody>, Response = Response<Body>, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send,
-    B: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = ProxyError;
@@ -58,7 +57,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         // The clone is the one polled ready; the original stays for the next call.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -131,12 +130,12 @@ free = true
         Fixture { _dir: dir, ledger, layer: PaymentLayer::new(Arc::new(gate)), routes }
     }
 
-    fn request(fx: &Fixture, path: &str, auth: Option<&str>) -> Request<()> {
+    fn request(fx: &Fixture, path: &str, auth: Option<&str>) -> Request<ReqBody> {
         let mut req = Request::builder().uri(path);
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
-        let mut req = req.body(()).unwrap();
+        let mut req = req.body(ReqBody::from(bytes::Bytes::new())).unwrap();
         let route = fx.routes.resolve(None, &http::Method::GET, path).unwrap().route;
         req.extensions_mut().insert(Arc::new(RequestCtx {
             request_id: "rid-1".into(),
@@ -149,7 +148,7 @@ free = true
     #[tokio::test]
     async fn inner_service_is_never_called_without_payment() {
         let fx = fixture();
-        let (svc, mut handle) = mock::pair::<Request<()>, Response<Body>>();
+        let (svc, mut handle) = mock::pair::<Request<ReqBody>, Response<Body>>();
         let mut svc = fx.layer.layer(svc.map_err(mock_error));
         for auth in [None, Some("Bearer nope"), Some(&*format!("Bearer tg_live_{}", "0".repeat(40)))] {
             handle.allow(1);
@@ -170,7 +169,7 @@ free = true
     async fn paid_request_reaches_inner_once_with_payment_in_extensions() {
         let fx = fixture();
         let k = fx.ledger.create_key(None, crate::money::Micros(1_000_000)).await.unwrap();
-        let (svc, mut handle) = mock::pair::<Request<()>, Response<Body>>();
+        let (svc, mut handle) = mock::pair::<Request<ReqBody>, Response<Body>>();
         let mut svc = fx.layer.layer(svc.map_err(mock_error));
         handle.allow(1);
         let auth = format!("Bearer {}", k.key);
@@ -191,7 +190,7 @@ free = true
     #[tokio::test]
     async fn free_routes_pass_straight_through() {
         let fx = fixture();
-        let (svc, mut handle) = mock::pair::<Request<()>, Response<Body>>();
+        let (svc, mut handle) = mock::pair::<Request<ReqBody>, Response<Body>>();
         let mut svc = fx.layer.layer(svc.map_err(mock_error));
         handle.allow(1);
         let task = tokio::spawn(svc.ready().await.unwrap().call(request(&fx, "/free", None)));

@@ -12,6 +12,7 @@
 
 pub mod gate;
 pub mod layer;
+mod metered;
 pub mod rails;
 pub mod ratelimit;
 
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde_json::{Map, Value};
 
+use crate::ledger::Metered;
 use crate::money::Micros;
 use crate::route::Route;
 
@@ -135,6 +137,9 @@ pub struct Charge<'a> {
     /// resource URL, which only x402 needs (built on demand by [`Charge::resource`]).
     pub public_base: &'a str,
     pub path: &'a str,
+    /// A metered request: what its hold (`price`) is made of, for a refusal's detail
+    /// (`max_tokens 4096 of gpt-4o-mini`).
+    pub hold_note: Option<&'a str>,
 }
 
 impl Charge<'_> {
@@ -208,17 +213,20 @@ pub trait Grant: Send + Sync {
     fn payer(&self) -> &str;
     /// The amount reserved, as a money string for `X-Tollgate-Paid` (`0.002 USD`).
     fn paid(&self) -> String;
-    /// Charges the reserved payment: the payment layer decided, by `charge_on`, that
-    /// the upstream's answer is paid for. A rail may still decline (revenue 0).
-    async fn commit(self: Box<Self>) -> Result<Receipt, Denial>;
+    /// Charges `amount` of the reserved payment (never more than was reserved; a
+    /// metered request's usage comes with it) and gives the rest back: the payment
+    /// layer decided, by `charge_on`, that the upstream's answer is paid for. A rail
+    /// may still decline (revenue 0).
+    async fn commit(self: Box<Self>, amount: Micros, metered: Option<&Metered>) -> Result<Receipt, Denial>;
     /// Gives the reservation back: the upstream failed, or was never reached.
     async fn release(self: Box<Self>);
 }
 
-/// The payment layer's verdict on a request it refused, in the response's extensions
-/// (the gateway counts outcomes by it). A response without it came from the upstream.
+/// The payment layer's verdict on a request it refused (its problem code), in the
+/// response's extensions (the gateway counts outcomes by it). A response without it
+/// came from the upstream.
 #[derive(Debug, Clone, Copy)]
-pub struct Refused(pub Reason);
+pub struct Refused(pub &'static str);
 
 /// The verified payment, in the forwarded request's extensions.
 #[derive(Debug, Clone)]

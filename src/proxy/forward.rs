@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tower::Service;
 
-use super::{ProxyError, Upstream};
+use super::{ProxyError, ReqBody, Upstream};
 use crate::route::RequestCtx;
 use crate::Body;
 
@@ -28,7 +27,7 @@ impl Forward {
     }
 }
 
-impl Service<Request<Incoming>> for Forward {
+impl Service<Request<ReqBody>> for Forward {
     type Response = Response<Body>;
     type Error = ProxyError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
@@ -37,7 +36,7 @@ impl Service<Request<Incoming>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let upstreams = self.upstreams.clone();
         Box::pin(async move {
             let ctx = req.extensions().get::<Arc<RequestCtx>>().cloned().ok_or(ProxyError::Unrouted)?;

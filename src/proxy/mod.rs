@@ -4,9 +4,11 @@
 //! it arrives and the upstream's body is handed back frame by frame, trailers
 //! included. Nothing is buffered whole.
 
+mod body;
 mod forward;
 pub(crate) mod headers;
 
+pub(crate) use body::ReqBody;
 pub(crate) use forward::Forward;
 
 use std::net::SocketAddr;
@@ -22,7 +24,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -257,7 +258,7 @@ impl Upstream {
     /// response with a streaming body.
     pub(crate) async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         strip_prefix: Option<&str>,
     ) -> Result<Response<Body>, ProxyError> {
         let asked = headers::upgrade_request(req.headers());
@@ -340,7 +341,7 @@ impl Upstream {
 /// The client's request body on its way upstream. It streams untouched; it only notes
 /// whether reading it failed, so that failure is answered 400 rather than 502.
 pub(crate) struct RequestBody {
-    inner: Incoming,
+    inner: ReqBody,
     failed: Arc<AtomicBool>,
 }
 

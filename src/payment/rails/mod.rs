@@ -14,6 +14,9 @@ pub struct RailSpec {
     pub name: &'static str,
     /// The top-level section it cannot work without (`None`: its section is optional).
     pub section: Option<&'static str>,
+    /// It can charge an amount known only once the response is done (a metered route's
+    /// usage), up to what it reserved.
+    pub metered: bool,
 }
 
 /// Every rail this build offers, in the order they are listed to operators.

@@ -15,7 +15,7 @@ use http::HeaderMap;
 use serde_json::json;
 
 use self::config::{CreditsConfig, SpendCap};
-use crate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, KEY_PREFIX};
+use crate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, Metered, SecretHash, KEY_PREFIX};
 use crate::metrics::Metrics;
 use crate::money::{Micros, Money};
 use crate::payment::{ChallengePart, Charge, Denial, Grant, Rail, Reason, Receipt};
@@ -23,7 +23,7 @@ use crate::problem::html_escape;
 
 pub const NAME: &str = "credits";
 /// Always available: `[credits]` is optional, its defaults work.
-pub const SPEC: super::RailSpec = super::RailSpec { name: NAME, section: None };
+pub const SPEC: super::RailSpec = super::RailSpec { name: NAME, section: None, metered: true };
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// Longest credential header value read at all; anything longer is malformed.
 const MAX_CREDENTIAL: usize = 256;
@@ -177,15 +177,21 @@ impl Rail for Credits {
                     .cause("revoked_key")
                     .rail(NAME))
             }
-            HoldOutcome::Insufficient { balance, .. } => Err(Denial::new(
-                Reason::InsufficientFunds,
-                format!(
-                    "Balance {} is below the price {} of route {route}.",
-                    Money::usd(balance),
-                    Money::usd(charge.price)
-                ),
-            )
-            .rail(NAME)),
+            HoldOutcome::Insufficient { balance, .. } => {
+                let detail = match charge.hold_note {
+                    Some(note) => format!(
+                        "Up to {}: {note}; balance {}; lower max_tokens or top up.",
+                        Money::usd(charge.price),
+                        Money::usd(balance)
+                    ),
+                    None => format!(
+                        "Balance {} is below the price {} of route {route}.",
+                        Money::usd(balance),
+                        Money::usd(charge.price)
+                    ),
+                };
+                Err(Denial::new(Reason::InsufficientFunds, detail).rail(NAME))
+            }
             HoldOutcome::SpendCapReached { spent, cap, .. } => {
                 let window = match self.spend_cap {
                     Some(SpendCap { per, .. }) if per.as_secs() <= 3600 => "hour",
@@ -267,7 +273,7 @@ impl Grant for CreditsGrant {
         Money::usd(self.price).to_string()
     }
 
-    async fn commit(self: Box<Self>) -> Result<Receipt, Denial> {
+    async fn commit(self: Box<Self>, amount: Micros, metered: Option<&Metered>) -> Result<Receipt, Denial> {
         let failed = |cause: &'static str| {
             Denial::new(
                 Reason::SettlementFailed,
@@ -276,7 +282,7 @@ impl Grant for CreditsGrant {
             .cause(cause)
             .rail(NAME)
         };
-        match self.ledger.capture(self.hold).await {
+        match self.ledger.capture(self.hold /* MERGE: , amount, metered */).await {
             Ok(true) => {}
             // Released meanwhile (swept as abandoned): the money is back, so the
             // response must not be delivered either.
@@ -292,12 +298,15 @@ impl Grant for CreditsGrant {
                 return Err(failed("ledger_unavailable"));
             }
         }
+        // The balance after this request: what the hold left, plus what it gave back.
+        let balance =
+            self.balance.checked_add(self.price.checked_sub(amount).unwrap_or_default()).unwrap_or(self.balance);
         Ok(Receipt {
             headers: vec![
-                (HeaderName::from_static("x-tollgate-charged"), Money::usd(self.price).header_value()),
-                (HeaderName::from_static("x-tollgate-balance"), Money::usd(self.balance).header_value()),
+                (HeaderName::from_static("x-tollgate-charged"), Money::usd(amount).header_value()),
+                (HeaderName::from_static("x-tollgate-balance"), Money::usd(balance).header_value()),
             ],
-            revenue: self.price.get(),
+            revenue: amount.get(),
         })
     }
 

@@ -70,7 +70,10 @@ impl Grant for X402Grant {
     /// (`"success"`: the upstream answered below 500; `"always"`), so the reference
     /// servers' own rule (settle below 400) does not apply: a 404 or 422 the upstream
     /// answered is paid for, as with credits.
-    async fn commit(self: Box<Self>) -> Result<Receipt, Denial> {
+    /// x402 `exact` settles the amount that was signed: the whole price (the config
+    /// keeps x402 off metered routes, so `amount` is always that price).
+    async fn commit(self: Box<Self>, amount: Micros, _metered: Option<&Metered>) -> Result<Receipt, Denial> {
+        debug_assert_eq!(amount.get(), self.pending.amount, "x402 settles exactly what was signed");
         if let Some(res) = &self.settled {
             return Ok(self.receipt(res));
         }

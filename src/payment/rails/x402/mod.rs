@@ -51,7 +51,7 @@ use self::types::{
     RequirementsV1, RequirementsV2, ResourceInfo, SettleResponse,
 };
 use self::verify::{Authorization, Expected, LocalError};
-use crate::ledger::{Ledger, Settlement};
+use crate::ledger::{Ledger, Metered, Settlement};
 use crate::metrics::{Metrics, RailResult};
 use crate::money::{Currency, Micros, Money};
 use crate::payment::{ChallengePart, Charge, Denial, Grant, Rail, Reason, Receipt};
@@ -59,7 +59,8 @@ use crate::problem::html_escape;
 
 pub const NAME: &str = "x402";
 /// Needs its `[x402]` section (facilitator, network, asset, payTo).
-pub const SPEC: super::RailSpec = super::RailSpec { name: NAME, section: Some("x402") };
+/// Not metered: the `exact` scheme signs one amount before the request is sent.
+pub const SPEC: super::RailSpec = super::RailSpec { name: NAME, section: Some("x402"), metered: false };
 /// v1 payment header.
 pub const X_PAYMENT: HeaderName = HeaderName::from_static("x-payment");
 /// v2 payment header.
