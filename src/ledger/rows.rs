@@ -230,6 +230,39 @@ mod tests {
     }
 
     #[test]
+    fn a_capture_records_its_hold_when_it_took_less_or_was_metered() {
+        assert_eq!(held_column(10, 11, false), None, "above the hold");
+        assert_eq!(held_column(10, 10, false), Some(None), "a fixed price reads as it always did");
+        assert_eq!(held_column(10, 10, true), Some(Some(10)));
+        assert_eq!(held_column(10, 4, false), Some(Some(10)));
+        assert_eq!(held_column(10, 0, true), Some(Some(10)));
+    }
+
+    #[test]
+    fn stored_usage_is_all_or_nothing() {
+        let row = |tokens, source: Option<&str>| TxRow {
+            id: 1,
+            key_id: "key_a".into(),
+            kind: "debit".into(),
+            amount: 5,
+            route: None,
+            request_id: None,
+            status: Some("captured".into()),
+            created_at: 0,
+            held: Some(9),
+            model: Some("m".into()),
+            tokens,
+            usage_source: source.map(str::to_owned),
+        };
+        let t = row([Some(1), Some(2), Some(3), Some(4)], Some("estimated")).into_transaction().unwrap();
+        assert_eq!(t.usage, Some(Usage { input: 1, cached_input: 2, cache_write_input: 3, output: 4 }));
+        assert_eq!((t.held, t.usage_source), (Some(Micros(9)), Some(UsageSource::Estimated)));
+        assert!(row([Some(1), None, Some(3), Some(4)], None).into_transaction().is_err());
+        assert!(row([None; 4], Some("guessed")).into_transaction().is_err());
+        assert!(row([Some(-1), Some(2), Some(3), Some(4)], None).into_transaction().is_err());
+    }
+
+    #[test]
     fn a_negative_stored_amount_is_an_error_not_zero() {
         assert_eq!(from_db(7).unwrap(), Micros(7));
         assert!(matches!(from_db(-1), Err(LedgerError::Other(_))));

@@ -199,7 +199,8 @@ impl Book {
         Some(h.clone())
     }
 
-    /// The close of `hold` did not commit: it is open again.
+    /// The close of `hold` was refused before anything was written (a capture above
+    /// the hold): it is open again.
     pub fn reopen(&self, hold: HoldId) {
         if let Some(h) = self.lock().holds.get_mut(&hold.0) {
             h.closing = false;
@@ -358,7 +359,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_close_reopens_the_hold() {
+    fn a_refused_close_reopens_the_hold() {
         let book = book_with(10);
         let h = held(book.try_hold(&secret(1), Micros(4), "r", "q1", 100));
         assert!(book.begin_close(h).is_some());

@@ -160,12 +160,10 @@ pub(super) fn capture_open(tx: &Tx<'_>, hold: HoldId, amount: i64, metered: &Met
         return Some(Err(capture_above_hold(hold, Micros(amount.unsigned_abs()), held)));
     };
     if amount == 0 {
-        // Nothing to charge: a release, refund row and all (amounts are positive).
+        // Nothing to charge: a release, refund row and all (amounts are positive). As
+        // in `release_open`, the book forgets the hold even if that fails.
         let released = write_release(tx, hold, &h, now());
-        match released {
-            Ok(()) => tx.book.close(hold, None),
-            Err(_) => tx.book.reopen(hold),
-        }
+        tx.book.close(hold, None);
         return Some(released);
     }
     let captured = debit_open(tx, hold, &h, amount, held_col, metered);
@@ -270,15 +268,14 @@ pub(super) fn closed_hold(conn: &Connection, hold: HoldId) -> Result<Option<(Str
     }
 }
 
-/// Releases `hold` if it is open in the book (`None` if not). If writing the release
-/// fails, the hold stays open: a retry or the stale-hold sweep releases it.
+/// Releases `hold` if it is open in the book (`None` if not). The book forgets it even
+/// if writing the release fails: the hold was never written, so forgetting it releases
+/// it, as a crash would (only without its rows). Keeping it would keep its amount held
+/// until a restart, since the sweep never releases a hold open in the book.
 pub(super) fn release_open(tx: &Tx<'_>, hold: HoldId, now: i64) -> Option<Result<()>> {
     let h = tx.book.begin_close(hold)?;
     let released = write_release(tx, hold, &h, now);
-    match released {
-        Ok(()) => tx.book.close(hold, None),
-        Err(_) => tx.book.reopen(hold),
-    }
+    tx.book.close(hold, None);
     Some(released)
 }
 
