@@ -5,9 +5,10 @@
 //! [`Ledger::authorize`] takes a **hold** atomically, as a conditional debit (the
 //! balance can never go below zero, whatever the concurrency or number of replicas;
 //! PostgreSQL writes it, SQLite keeps it in memory, see [`holds`]);
-//! [`Ledger::capture`] makes it final, for the held amount or less, once the response
-//! was delivered; [`Ledger::release`] gives it back (recorded as a `refund`) when it
-//! was not. Holds a crashed process left open are released by
+//! [`Ledger::capture`] makes it final, for the held amount or less, when the charge is
+//! settled (a fixed price once the upstream answered with a chargeable status, a
+//! metered one when the response body ends); [`Ledger::release`] gives it back
+//! (recorded as a `refund`) when nothing is owed. Holds a crashed process left open are released by
 //! [`Ledger::release_stale_holds`].
 //!
 //! Invariant for every key, at every commit: `balance = Σ credit − Σ debit + Σ refund`

@@ -216,7 +216,7 @@ impl PostgresLedger {
         let (captures, captures_rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(hold_loop(ledger.handle(), holds_rx));
         tokio::spawn(capture_loop(ledger.handle(), captures_rx));
-        // A zero interval would make the timer spin.
+        // tokio refuses (panics on) a zero interval.
         let every = opts.hold_heartbeat.max(Duration::from_millis(10));
         tokio::spawn(heartbeat(ledger.handle(), Arc::downgrade(&ledger.leases), every));
         ledger.batchers = Some(Batchers { holds, captures });
