@@ -181,7 +181,8 @@ pub(crate) fn held_column(hold: i64, amount: i64, metered: bool) -> Option<Optio
 
 pub(crate) fn capture_above_hold(hold: HoldId, amount: Micros, held: i64) -> LedgerError {
     LedgerError::Other(format!(
-        "cannot capture {amount} from hold {}, which holds only {}; nothing was charged",
+        "cannot capture {amount} USD from hold {}, which holds only {} USD; nothing was charged and the hold \
+         is still open: capture at most the held amount, or release it",
         hold.0,
         Micros(u64::try_from(held).unwrap_or(0))
     ))
