@@ -24,8 +24,11 @@ pub fn find_model<'a>(models: &'a [ModelPrice], model: &str) -> Option<&'a Model
 /// `Σ tokens × price-per-million / 1e6`, rounded up once: rounding each kind (or each
 /// token) up would overcharge small requests many times over.
 fn metered(parts: &[(u64, PerMillion)]) -> Micros {
-    let sum: u128 =
-        parts.iter().map(|&(tokens, PerMillion(Micros(price)))| u128::from(tokens) * u128::from(price)).sum();
+    // Each product fits in u128; four of them at the extremes may not, hence saturation.
+    let sum = parts
+        .iter()
+        .map(|&(tokens, PerMillion(Micros(price)))| u128::from(tokens) * u128::from(price))
+        .fold(0u128, u128::saturating_add);
     let micros = sum.div_ceil(1_000_000);
     Micros(u64::try_from(micros).unwrap_or(u64::MAX))
 }

@@ -132,6 +132,12 @@ impl StreamMeter {
         self.text.total()
     }
 
+    /// Bytes held back right now (tests check the bound).
+    #[cfg(test)]
+    pub(crate) fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
     /// Runs the parser over `chunk`; when stripping, decides which of its bytes go out.
     fn scan(&mut self, chunk: &[u8], mut out: Option<&mut Out<'_>>) {
         let len = chunk.len();
