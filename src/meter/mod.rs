@@ -145,5 +145,3 @@ pub enum Unreadable {
     #[error("{0}")]
     BadField(String),
 }
-mod stub;
-pub use stub::*;
