@@ -60,6 +60,17 @@ pub struct RailResult {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderResult {
+    pub provider: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: &'static str,
+}
+
 #[derive(Clone, Copy)]
 pub struct Buckets(&'static [f64]);
 
@@ -90,6 +101,9 @@ pub struct Metrics {
     pub ledger_errors: Counter,
     pub inflight: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub config_reloads: Family<ReloadResult, Counter>,
+    /// Self-service top-ups by provider and result (created, credited, duplicate, rejected).
+    pub topups: Family<ProviderResult, Counter>,
+    pub topup_micros: Family<ProviderLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,6 +139,8 @@ impl Metrics {
             ledger_errors: Counter::default(),
             inflight: Gauge::default(),
             config_reloads: Family::default(),
+            topups: Family::default(),
+            topup_micros: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by route and outcome", m.requests.clone());
@@ -167,6 +183,16 @@ impl Metrics {
         registry.register("ledger_errors", "Ledger operations that failed", m.ledger_errors.clone());
         registry.register("inflight_requests", "Requests being served now", m.inflight.clone());
         registry.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
+        registry.register(
+            "topups",
+            "Customer top-ups by payment provider and result (created, credited, duplicate, rejected)",
+            m.topups.clone(),
+        );
+        registry.register(
+            "topup_micros",
+            "Money credited by customer top-ups, in micro-USD, by payment provider",
+            m.topup_micros.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -33,6 +33,19 @@ pub enum Rejection {
     Payment(Box<PaymentRefusal>),
     /// A fault of tollgate's own; says where.
     Internal(&'static str),
+    /// A refusal of the customer self-service endpoints (`/.well-known/tollgate/…`).
+    Account(Box<AccountProblem>),
+}
+
+/// A refusal of a self-service endpoint: its problem code (the status comes from it),
+/// the sentence, extension members (a key refusal's `reason` and `credits`) and
+/// headers (`WWW-Authenticate`, `Allow`, `Retry-After`).
+#[derive(Debug)]
+pub struct AccountProblem {
+    pub code: &'static str,
+    pub detail: String,
+    pub extra: Map<String, serde_json::Value>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// A payment refusal with everything its 402 / 429 / 503 shows.
@@ -73,6 +86,7 @@ impl Rejection {
             Rejection::Upstream(_) => "upstream_unavailable",
             Rejection::Payment(p) => p.denial.reason.as_str(),
             Rejection::Internal(_) => "internal_error",
+            Rejection::Account(p) => p.code,
         }
     }
 
@@ -99,6 +113,7 @@ impl Rejection {
             Rejection::Internal(what) => {
                 format!("tollgate failed to handle the request ({what}); nothing was charged.")
             }
+            Rejection::Account(p) => p.detail.clone(),
         }
     }
 
@@ -107,6 +122,15 @@ impl Rejection {
         let detail = self.detail(r);
         let mut res = match self {
             Rejection::Payment(p) => payment(*p, status, detail, r),
+            Rejection::Account(p) => {
+                let AccountProblem { code, extra, headers, .. } = *p;
+                let mut res =
+                    problem::problem_response(r.public_base, code, status, detail, r.instance, r.request_id, extra);
+                for (k, v) in headers {
+                    res.headers_mut().append(k, v);
+                }
+                res
+            }
             other => problem::problem_response(
                 r.public_base,
                 other.code(),

@@ -13,6 +13,7 @@ mod ledger_conformance;
 mod lifecycle;
 mod payment;
 mod postgres;
+mod selfservice;
 mod smoke;
 mod transparency;
 mod x402;
