@@ -6,13 +6,15 @@
 
 use std::time::Duration;
 
-use super::{HoldId, KeyInfo, LedgerError, Result, Transaction, TxKind};
+use super::{HoldId, KeyInfo, LedgerError, Metered, Result, Transaction, TxKind};
+use crate::meter::{Usage, UsageSource};
 use crate::money::Micros;
 
 /// The `keys` columns [`KeyRow`] holds, in its order.
 pub(crate) const KEY_COLUMNS: &str = "id, label, balance, revoked, created_at";
 /// The `transactions` columns [`TxRow`] holds, in its order.
-pub(crate) const TX_COLUMNS: &str = "id, key_id, kind, amount, route, request_id, status, created_at";
+pub(crate) const TX_COLUMNS: &str = "id, key_id, kind, amount, route, request_id, status, created_at, held, model, \
+     input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens, usage_source";
 
 // === amounts ===
 
@@ -89,6 +91,11 @@ pub(crate) struct TxRow {
     pub(crate) request_id: Option<String>,
     pub(crate) status: Option<String>,
     pub(crate) created_at: i64,
+    pub(crate) held: Option<i64>,
+    pub(crate) model: Option<String>,
+    /// input, cached input, cache write input, output.
+    pub(crate) tokens: [Option<i64>; 4],
+    pub(crate) usage_source: Option<String>,
 }
 
 impl TxRow {
@@ -99,6 +106,27 @@ impl TxRow {
             "refund" => TxKind::Refund,
             other => return Err(LedgerError::Other(format!("unknown transaction kind {other:?}"))),
         };
+        let usage = match self.tokens {
+            [None, None, None, None] => None,
+            [Some(input), Some(cached_input), Some(cache_write_input), Some(output)] => Some(Usage {
+                input: from_db(input)?.get(),
+                cached_input: from_db(cached_input)?.get(),
+                cache_write_input: from_db(cache_write_input)?.get(),
+                output: from_db(output)?.get(),
+            }),
+            partial => {
+                return Err(LedgerError::Other(format!(
+                    "transaction {} has some token counts but not all ({partial:?}); was it edited by hand?",
+                    self.id
+                )))
+            }
+        };
+        let usage_source = match self.usage_source.as_deref() {
+            None => None,
+            Some(s) => Some(UsageSource::parse(s).ok_or_else(|| {
+                LedgerError::Other(format!("transaction {} has an unknown usage source {s:?}", self.id))
+            })?),
+        };
         Ok(Transaction {
             id: self.id,
             key_id: self.key_id,
@@ -108,8 +136,55 @@ impl TxRow {
             request_id: self.request_id,
             status: self.status,
             created_at: self.created_at,
+            held: self.held.map(from_db).transpose()?,
+            model: self.model,
+            usage,
+            usage_source,
         })
     }
+}
+
+/// The columns a capture writes besides its amount, as both stores keep them: the
+/// model, the four token counts (`Usage` order) and the usage source; all `NULL` for a
+/// fixed-price capture.
+pub(crate) struct MeteredRow {
+    pub(crate) model: Option<String>,
+    pub(crate) tokens: [Option<i64>; 4],
+    pub(crate) usage_source: Option<&'static str>,
+}
+
+impl MeteredRow {
+    pub(crate) fn of(metered: Option<&Metered>) -> Result<MeteredRow> {
+        let Some(m) = metered else {
+            return Ok(MeteredRow { model: None, tokens: [None; 4], usage_source: None });
+        };
+        let u = &m.usage;
+        let mut tokens = [None; 4];
+        for (slot, n) in tokens.iter_mut().zip([u.input, u.cached_input, u.cache_write_input, u.output]) {
+            *slot = Some(int_to_db(n)?);
+        }
+        Ok(MeteredRow { model: Some(m.model.clone()), tokens, usage_source: Some(m.source.as_str()) })
+    }
+}
+
+/// What a capture of `amount` does to a hold of `hold` (both positive or zero, checked
+/// before anything is written): `None` when it asks for more than was held.
+/// Otherwise the `held` column to write: the hold when the capture took less than it or
+/// was metered (so the row says what was held), `NULL` for a fixed-price capture of the
+/// whole hold (whose row reads as it always did).
+pub(crate) fn held_column(hold: i64, amount: i64, metered: bool) -> Option<Option<i64>> {
+    if amount > hold {
+        return None;
+    }
+    Some((metered || amount != hold).then_some(hold))
+}
+
+pub(crate) fn capture_above_hold(hold: HoldId, amount: Micros, held: i64) -> LedgerError {
+    LedgerError::Other(format!(
+        "cannot capture {amount} from hold {}, which holds only {}; nothing was charged",
+        hold.0,
+        Micros(u64::try_from(held).unwrap_or(0))
+    ))
 }
 
 // === rules ===

@@ -276,7 +276,7 @@ impl Grant for CreditsGrant {
             .cause(cause)
             .rail(NAME)
         };
-        match self.ledger.capture(self.hold).await {
+        match self.ledger.capture(self.hold, self.price, None).await {
             Ok(true) => {}
             // Released meanwhile (swept as abandoned): the money is back, so the
             // response must not be delivered either.
