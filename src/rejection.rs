@@ -221,6 +221,13 @@ fn paywall(
     let title = doc.map(|d| d.title).unwrap_or("Payment required");
     let fix = doc.map(|d| problem::code_spans(&html_escape(d.fix))).unwrap_or_default();
     let topup = match topup_url {
+        // tollgate's own top-up endpoint takes a POST: a form, with the key typed in.
+        Some(u)
+            if u.ends_with(crate::selfservice::TOPUP_PATH)
+                && (denial.reason == Reason::InsufficientFunds || denial.reason == Reason::PaymentMissing) =>
+        {
+            format!("<h2>Top up by card</h2>{}", crate::selfservice::topup_form(u, None))
+        }
         Some(u) if denial.reason == Reason::InsufficientFunds || denial.reason == Reason::PaymentMissing => {
             format!("<p><a class=\"button\" href=\"{u}\">Top up your balance</a></p>", u = html_escape(u))
         }

@@ -8,11 +8,13 @@
 //!
 //! | endpoint | module |
 //! |---|---|
+//! | `GET account`, `GET account/transactions`, `GET account/requests/{id}` | [`account`]: the key's own balance and rows, and how every customer endpoint authenticates |
+//! | `POST account/topup` (and `GET`: a form for people) | [`topup`]: a Checkout Session for the caller's key |
 //! | `POST stripe/webhook` | [`webhook`]: Stripe's signed events, credited once per session |
-//! | `POST account/topup` | [`topup`]: a Checkout Session for the caller's key |
 //!
 //! Built once per config snapshot (`SelfService::new`), like the payment gate.
 
+mod account;
 pub mod config;
 mod stripe;
 mod topup;
@@ -31,9 +33,12 @@ use serde_json::{json, Map, Value};
 
 use self::config::StripeConfig;
 use self::stripe::StripeClient;
-use crate::config::Config;
+use crate::config::{Config, SpendCap};
 use crate::ledger::Ledger;
 use crate::metrics::{Metrics, ProviderLabel, ProviderResult};
+use crate::money::Micros;
+use crate::payment::rails::credits::Credits;
+use crate::problem::html_escape;
 use crate::rejection::{AccountProblem, Rejection, Responder};
 use crate::Body;
 
@@ -50,6 +55,13 @@ const PROVIDER: &str = "stripe";
 pub(crate) struct SelfService {
     public_base: String,
     ledger: Arc<dyn Ledger>,
+    metrics: Arc<Metrics>,
+    /// Reads a key exactly as the credits rail does on a paid route.
+    credits: Credits,
+    credits_header: HeaderName,
+    credits_header_display: String,
+    spend_cap: Option<SpendCap>,
+    topup_url: Option<String>,
     stripe: Option<Stripe>,
 }
 
@@ -60,7 +72,6 @@ impl std::fmt::Debug for SelfService {
 }
 
 /// `[stripe]` with its client and pre-resolved metric handles.
-#[allow(dead_code)] // `client` and `created` serve the top-up endpoint (next commit).
 struct Stripe {
     cfg: StripeConfig,
     client: StripeClient,
@@ -72,7 +83,7 @@ struct Stripe {
 }
 
 impl SelfService {
-    pub(crate) fn new(cfg: &Config, ledger: &Arc<dyn Ledger>, metrics: &Metrics) -> Result<SelfService, String> {
+    pub(crate) fn new(cfg: &Config, ledger: &Arc<dyn Ledger>, metrics: &Arc<Metrics>) -> Result<SelfService, String> {
         let stripe = match &cfg.stripe {
             None => None,
             Some(s) => {
@@ -90,7 +101,17 @@ impl SelfService {
                 })
             }
         };
-        Ok(SelfService { public_base: cfg.public_base(), ledger: ledger.clone(), stripe })
+        Ok(SelfService {
+            public_base: cfg.public_base(),
+            ledger: ledger.clone(),
+            metrics: metrics.clone(),
+            credits: Credits::new(&cfg.credits, ledger.clone(), metrics.clone()),
+            credits_header: cfg.credits.header.clone(),
+            credits_header_display: cfg.credits.header_display.clone(),
+            spend_cap: cfg.credits.spend_cap,
+            topup_url: cfg.credits.topup_url.clone(),
+            stripe,
+        })
     }
 
     /// Whether `path` (as received, or in its normal form) is answered here.
@@ -103,7 +124,27 @@ impl SelfService {
         let cx = Cx { public_base: &self.public_base, request_id, path };
         let rest = &path[PREFIX.len()..];
         let method = req.method().clone();
+        let read = method == Method::GET || method == Method::HEAD;
         let mut res = match rest {
+            "account" if read => self.account(&req, &cx).await,
+            "account/transactions" if read => self.transactions(&req, &cx).await,
+            "account" | "account/transactions" => not_allowed(&cx, "GET, HEAD"),
+            "account/topup" => match &self.stripe {
+                None => not_found(&cx, "Top-ups by card are not set up on this gateway."),
+                Some(s) if read => topup_page(&self.public_base, Some(s.cfg.min_topup)),
+                Some(s) if method == Method::POST => self.topup(s, req, &cx).await,
+                Some(_) => not_allowed(&cx, "GET, HEAD, POST"),
+            },
+            _ if rest.starts_with("account/requests/") => {
+                let id = &rest["account/requests/".len()..];
+                if id.is_empty() || id.contains('/') {
+                    not_found(&cx, &format!("There is no self-service endpoint at {path}."))
+                } else if !read {
+                    not_allowed(&cx, "GET, HEAD")
+                } else {
+                    self.request(&req, id, &cx).await
+                }
+            }
             "stripe/webhook" => match &self.stripe {
                 None => not_found(&cx, "Top-ups by card are not set up on this gateway."),
                 Some(_) if method != Method::POST => not_allowed(&cx, "POST"),
@@ -222,6 +263,35 @@ fn backend_unavailable(cx: &Cx<'_>, detail: &str) -> Response<Body> {
     extra.insert("reason".into(), json!("payment_backend_unavailable"));
     let headers = vec![(header::RETRY_AFTER, HeaderValue::from_static("2"))];
     problem(cx, "payment_backend_unavailable", detail.to_owned(), extra, headers)
+}
+
+/// `GET account/topup`: the form, for a person who followed a `topup_url`.
+fn topup_page(public_base: &str, min: Option<Micros>) -> Response<Body> {
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Top up your API key</title>\
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:42em;margin:3em auto;padding:0 1em;color:#1d1d1f}}\
+input{{font:inherit;padding:.3em}}</style></head><body><h1>Top up your API key</h1>{}</body></html>",
+        topup_form(&format!("{public_base}{TOPUP_PATH}"), min)
+    );
+    let mut res = Response::new(crate::full(page));
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    res
+}
+
+/// A form that starts a top-up at `action` (tollgate's top-up endpoint): the amount,
+/// and the key, which the customer types or pastes. It is posted in the body, never
+/// put in a URL.
+pub(crate) fn topup_form(action: &str, min: Option<Micros>) -> String {
+    let value = min.map(|m| format!(" value=\"{m}\"")).unwrap_or_default();
+    format!(
+        "<form method=\"post\" action=\"{action}\" class=\"topup\">\
+<p><label>Amount (USD) <input name=\"amount\" inputmode=\"decimal\" required size=\"8\"{value}></label></p>\
+<p><label>Your API key <input name=\"key\" type=\"password\" autocomplete=\"off\" required \
+placeholder=\"tg_live_…\" size=\"50\"></label></p>\
+<p><button type=\"submit\" class=\"button\">Top up by card</button></p></form>",
+        action = html_escape(action),
+    )
 }
 
 fn json_response(status: StatusCode, v: Value) -> Response<Body> {

@@ -11,9 +11,6 @@
 //! (`proxy::pooled_client`), like the upstream pool and the x402 facilitator client;
 //! forms are encoded with `percent-encoding` (the WHATWG form serializer's byte set).
 
-// Checkout is wired to its endpoint in the next commit.
-#![allow(dead_code)]
-
 use std::time::Duration;
 
 use bytes::Bytes;

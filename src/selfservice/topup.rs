@@ -18,13 +18,18 @@
 //! which is harmless: it is unpaid, or already paid and its page says so. Two replicas
 //! behind a load balancer derive the same key, so they agree too.
 
-// Wired to its endpoint in the next commit.
-#![allow(dead_code)]
-
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::config::{StripeConfig, CURRENCY, CURRENCY_DECIMALS, MICROS_PER_MINOR};
+use super::stripe::StripeError;
+use super::{backend_unavailable, json_response, problem, read_body, unix_now, Cx, SelfService, Stripe};
 use crate::money::Micros;
+use crate::Body;
 
 /// Seconds in which repeated top-ups of one amount by one key are the same session.
 pub(crate) const WINDOW: u64 = 60;
@@ -86,6 +91,102 @@ pub(crate) fn session_form(cfg: &StripeConfig, key_id: &str, amount: Micros) -> 
         ("success_url", cfg.success_url.as_str().to_owned()),
         ("cancel_url", cfg.cancel_url.as_str().to_owned()),
     ]
+}
+
+/// The JSON body of a top-up.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopupRequest {
+    amount: Option<Value>,
+}
+
+impl SelfService {
+    /// `POST account/topup`: JSON with the key in a header → `201` and the session;
+    /// a browser form with the key in a field → `303` to Stripe's page.
+    pub(super) async fn topup(&self, s: &Stripe, req: Request<Incoming>, cx: &Cx<'_>) -> Response<Body> {
+        let form = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
+        let headers = req.headers().clone();
+        let body = match read_body(req, MAX_BODY, cx).await {
+            Ok(b) => b,
+            Err(res) => return res,
+        };
+        let (amount, form_key) = if form {
+            let Some(fields) = super::stripe::decode_form(&body) else {
+                return problem(cx, "bad_request", "The form is not UTF-8.".into(), Map::new(), Vec::new());
+            };
+            let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.trim().to_owned());
+            (field("amount"), field("key").filter(|k| !k.is_empty()))
+        } else {
+            let parsed: Result<TopupRequest, _> =
+                serde_json::from_slice(if body.is_empty() { b"{}" } else { &body[..] });
+            match parsed {
+                Ok(TopupRequest { amount: Some(Value::String(a)) }) => (Some(a), None),
+                // Whole units as a JSON integer are exact; a fraction went through a float.
+                Ok(TopupRequest { amount: Some(Value::Number(n)) }) if n.is_u64() => (Some(n.to_string()), None),
+                Ok(TopupRequest { amount: Some(other) }) => {
+                    let detail = format!("Send the amount as a decimal string like \"10.00\", not {other}.");
+                    return problem(cx, "topup_amount_invalid", detail, Map::new(), Vec::new());
+                }
+                Ok(TopupRequest { amount: None }) => (None, None),
+                Err(e) => {
+                    let detail = format!("The body is not {{\"amount\": \"10.00\"}}: {e}.");
+                    return problem(cx, "bad_request", detail, Map::new(), Vec::new());
+                }
+            }
+        };
+        let account = match self.authenticate(&headers, form_key.as_deref(), cx).await {
+            Ok(a) => a,
+            Err(res) => return res,
+        };
+        let amount = match parse_amount(amount.as_deref(), &s.cfg) {
+            Ok(a) => a,
+            Err(e) => return problem(cx, "topup_amount_invalid", format!("{e}."), Map::new(), Vec::new()),
+        };
+        let key_id = &account.key.id;
+        let client_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+        let idem = idempotency_key(key_id, amount, client_key, unix_now().max(0) as u64);
+        let session = match s.client.create_checkout_session(&session_form(&s.cfg, key_id, amount), &idem).await {
+            Ok(session) => session,
+            Err(e) => return self.stripe_failed(e, cx),
+        };
+        s.created.inc();
+        tracing::info!(request_id = %cx.request_id, key_id = %key_id, session = %session.id, amount = %amount,
+            "stripe checkout session created");
+        if form {
+            let mut res = Response::new(crate::empty());
+            *res.status_mut() = StatusCode::SEE_OTHER;
+            if let Ok(v) = HeaderValue::from_str(&session.url) {
+                res.headers_mut().insert(header::LOCATION, v);
+            }
+            return res;
+        }
+        json_response(
+            StatusCode::CREATED,
+            json!({
+                "url": session.url,
+                "session_id": session.id,
+                "amount": amount.to_string(),
+                "expires_at": session.expires_at,
+            }),
+        )
+    }
+
+    fn stripe_failed(&self, e: StripeError, cx: &Cx<'_>) -> Response<Body> {
+        if e.transient() {
+            tracing::warn!(request_id = %cx.request_id, error = %e, "stripe unavailable; no checkout session");
+            return backend_unavailable(cx, "The payment provider is unavailable; nothing was charged. Retry shortly.");
+        }
+        // Stripe's own message, for the operator (it never contains the secret key).
+        tracing::error!(request_id = %cx.request_id, error = %e, "stripe refused to create a checkout session");
+        let detail = "The payment provider refused to start the checkout; nothing was charged. The operator's log \
+                      has the reason."
+            .to_owned();
+        problem(cx, "topup_failed", detail, Map::new(), Vec::new())
+    }
 }
 
 #[cfg(test)]

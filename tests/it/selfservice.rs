@@ -274,10 +274,15 @@ async fn without_stripe_the_endpoints_are_404_and_nothing_is_forwarded() {
     let r = post_webhook(&gw, &body, Some(&signature(&body))).await;
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.json()["type"], "https://api.test/.well-known/tollgate/problems/not_found");
-    for path in ["/.well-known/tollgate/nothing", "/.well-known/tollgate/%61ccount", "/.well-known/tollgate/problems/x"]
-    {
+    // Spelled with escapes, it is still tollgate's own (`%61ccount` is `account`).
+    for (path, status) in [
+        ("/.well-known/tollgate/nothing", 404),
+        ("/.well-known/tollgate/%61ccount", 405),
+        ("/.well-known/tollgate/problems/x", 404),
+    ] {
         let r = send("POST", &gw.url(path), &[], "x").await;
-        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
     }
     assert_eq!(up.hits(), 0, "tollgate's namespace never reaches the upstream");
     gw.shutdown().await;
@@ -310,4 +315,403 @@ async fn topup_metrics_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     gw.shutdown().await;
+}
+
+// === top-ups ===
+
+const TOPUP: &str = "/.well-known/tollgate/account/topup";
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+async fn topup_json(gw: &Gateway, key: Option<&str>, body: &str, extra: &[(&str, &str)]) -> Reply {
+    let auth = key.map(bearer);
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a));
+    }
+    headers.extend_from_slice(extra);
+    send("POST", &gw.url(TOPUP), &headers, body.to_owned()).await
+}
+
+#[tokio::test]
+async fn a_topup_creates_a_checkout_session_with_exactly_the_documented_fields() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = with_stripe(&up, &fake).await;
+    let (id, key) = gw.key("0").await;
+    let r = topup_json(&gw, Some(&key), r#"{"amount":"10.00"}"#, &[]).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let j = r.json();
+    let session = j["session_id"].as_str().unwrap().to_owned();
+    assert!(session.starts_with("cs_test_"), "{j}");
+    assert_eq!(j["url"], format!("https://checkout.stripe.com/c/pay/{session}#fidkdWxOYHwnPyd1blpxYHZxWjA0"));
+    assert_eq!(j["amount"], "10.00");
+    assert!(j["expires_at"].as_i64().unwrap() >= 1_900_000_000, "{j}");
+
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 1);
+    let c = &calls[0];
+    assert_eq!((c.method.as_str(), c.path.as_str()), ("POST", "/v1/checkout/sessions"));
+    assert_eq!(c.header("authorization"), Some(format!("Bearer {}", stripe::SECRET_KEY).as_str()));
+    assert_eq!(c.header("content-type"), Some("application/x-www-form-urlencoded"));
+    assert!(c.header("idempotency-key").is_some_and(|k| k.contains(&id)), "{:?}", c.headers);
+    let mut fields: Vec<(&str, &str)> = c.form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    fields.sort_unstable();
+    let mut want = vec![
+        ("cancel_url", "https://example.com/pricing"),
+        ("client_reference_id", id.as_str()),
+        ("line_items[0][price_data][currency]", "usd"),
+        ("line_items[0][price_data][product_data][name]", "API credits (10.00 USD)"),
+        ("line_items[0][price_data][unit_amount]", "1000"),
+        ("line_items[0][quantity]", "1"),
+        ("metadata[tollgate_amount]", "10.00"),
+        ("metadata[tollgate_key_id]", id.as_str()),
+        ("mode", "payment"),
+        ("success_url", "https://example.com/thanks"),
+    ];
+    want.sort_unstable();
+    assert_eq!(fields, want);
+    assert!(!format!("{:?}", c.form).contains(&key), "the key secret never goes to Stripe");
+    assert_eq!(metric(&gw, "tollgate_topups_total{provider=\"stripe\",result=\"created\"}").await, 1.0);
+    assert_eq!(gw.balance(&id).await, Micros::ZERO, "nothing is credited before Stripe says it was paid");
+    assert_eq!(up.hits(), 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retried_topup_is_the_same_session_and_a_new_one_is_not() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = with_stripe(&up, &fake).await;
+    let (_, key) = gw.key("0").await;
+    let first = topup_json(&gw, Some(&key), r#"{"amount":"20.00"}"#, &[("idempotency-key", "click-1")]).await;
+    let retry = topup_json(&gw, Some(&key), r#"{"amount":"20.00"}"#, &[("idempotency-key", "click-1")]).await;
+    let other = topup_json(&gw, Some(&key), r#"{"amount":"20.00"}"#, &[("idempotency-key", "click-2")]).await;
+    assert_eq!((first.status.as_u16(), retry.status.as_u16(), other.status.as_u16()), (201, 201, 201));
+    assert_eq!(first.json()["session_id"], retry.json()["session_id"]);
+    assert_ne!(first.json()["session_id"], other.json()["session_id"]);
+    let calls = fake.calls();
+    assert_eq!(calls[0].header("idempotency-key"), calls[1].header("idempotency-key"));
+    assert_ne!(calls[0].header("idempotency-key"), calls[2].header("idempotency-key"));
+    // Without a client key, two requests in one moment (a double click) send the same.
+    let (a, b) = tokio::join!(
+        topup_json(&gw, Some(&key), r#"{"amount":"30.00"}"#, &[]),
+        topup_json(&gw, Some(&key), r#"{"amount":"30.00"}"#, &[])
+    );
+    let (a, b) = (a.json(), b.json());
+    let window_turned = a["session_id"] != b["session_id"];
+    let calls = fake.calls();
+    assert!(calls[3].header("idempotency-key") == calls[4].header("idempotency-key") || window_turned);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn amounts_out_of_range_or_too_precise_are_refused_before_stripe_is_called() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = with_stripe(&up, &fake).await;
+    let (_, key) = gw.key("0").await;
+    for body in [
+        r#"{"amount":"4.99"}"#,
+        r#"{"amount":"500.01"}"#,
+        r#"{"amount":"10.001"}"#,
+        r#"{"amount":"10.0000001"}"#,
+        r#"{"amount":"-10"}"#,
+        r#"{"amount":"ten"}"#,
+        r#"{"amount":10.5}"#,
+        r#"{}"#,
+    ] {
+        let r = topup_json(&gw, Some(&key), body, &[]).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        assert_eq!(r.json()["type"], "https://api.test/.well-known/tollgate/problems/topup_amount_invalid", "{body}");
+    }
+    assert!(fake.calls().is_empty(), "Stripe was never called");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn stripe_down_is_503_with_retry_after_and_a_refusal_is_a_clear_problem() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = with_stripe(&up, &fake).await;
+    let (id, key) = gw.key("0").await;
+    for status in [500, 503, 429] {
+        fake.set(stripe::Answer::Http(status, serde_json::json!({"error": {"type": "api_error", "message": "boom"}})));
+        let r = topup_json(&gw, Some(&key), r#"{"amount":"10.00"}"#, &[]).await;
+        assert_eq!(r.status, 503, "{status}: {}", r.text());
+        assert_eq!(r.json()["reason"], "payment_backend_unavailable");
+        assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+    }
+    fake.set(stripe::Answer::Http(
+        400,
+        serde_json::json!({"error": {"type": "invalid_request_error", "code": "url_invalid",
+            "message": "Not a valid URL", "param": "success_url"}}),
+    ));
+    let r = topup_json(&gw, Some(&key), r#"{"amount":"10.00"}"#, &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["type"], "https://api.test/.well-known/tollgate/problems/topup_failed");
+    assert!(!r.text().contains(stripe::SECRET_KEY));
+    assert_eq!(metric(&gw, "tollgate_topups_total{provider=\"stripe\",result=\"created\"}").await, 0.0);
+    gw.shutdown().await;
+
+    // Nothing listens at api_base.
+    let closed = crate::support::facilitator::closed_port_url().await;
+    let section = fake.section().replace(&fake.url(), &closed);
+    let gw = gateway(&format!("{}{section}", routes(&up))).await;
+    let (_, key) = gw.key("0").await;
+    let r = topup_json(&gw, Some(&key), r#"{"amount":"10.00"}"#, &[]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    let _ = id;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_browser_form_post_is_sent_on_to_stripe_with_303() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = with_stripe(&up, &fake).await;
+    let (id, key) = gw.key("0").await;
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let r = send("POST", &gw.url(TOPUP), &form, format!("amount=25.00&key={key}")).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let location = r.header("location").unwrap();
+    assert!(location.starts_with("https://checkout.stripe.com/c/pay/cs_test_"), "{location}");
+    assert!(!location.contains(&key));
+    assert_eq!(fake.calls()[0].field("client_reference_id"), Some(id.as_str()));
+    assert_eq!(fake.calls()[0].field("line_items[0][price_data][unit_amount]"), Some("2500"));
+
+    let r =
+        send("POST", &gw.url(TOPUP), &form, "amount=25.00&key=tg_live_0000000000000000000000000000000000000000").await;
+    assert_eq!(r.status, 402, "{}", r.text());
+    assert_eq!(r.json()["reason"], "payment_invalid");
+    let r = send("POST", &gw.url(TOPUP), &form, "amount=25.00").await;
+    assert_eq!(r.json()["reason"], "payment_missing");
+    assert_eq!(fake.calls().len(), 1);
+
+    // The page a person reaches by following topup_url.
+    let r = get(&gw.url(TOPUP), &[("accept", "text/html")]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("<form method=\"post\" action=\"https://api.test/.well-known/tollgate/account/topup\""));
+    let r = send("PUT", &gw.url(TOPUP), &[], "").await;
+    assert_eq!((r.status.as_u16(), r.header("allow")), (405, Some("GET, HEAD, POST")));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_402_links_to_the_topup_and_the_paywall_has_the_form() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = with_stripe(&up, &fake).await;
+    let r = get(&gw.url("/v1/chat/x"), &[]).await;
+    assert_eq!(r.status, 402);
+    assert_eq!(r.json()["credits"]["topup_url"], "https://api.test/.well-known/tollgate/account/topup");
+    let r = get(&gw.url("/v1/chat/x"), &[("accept", "text/html")]).await;
+    assert_eq!(r.status, 402);
+    let page = r.text();
+    assert!(
+        page.contains("<form method=\"post\" action=\"https://api.test/.well-known/tollgate/account/topup\""),
+        "{page}"
+    );
+    assert!(page.contains("name=\"key\" type=\"password\""), "{page}");
+    gw.shutdown().await;
+
+    let gw = gateway(&routes(&up)).await;
+    let r = get(&gw.url("/v1/chat/x"), &[]).await;
+    assert!(r.json()["credits"].get("topup_url").is_none(), "{}", r.text());
+    let (_, key) = gw.key("1.00").await;
+    let r = get(&gw.url("/.well-known/tollgate/account"), &[("authorization", &bearer(&key))]).await;
+    assert_eq!(r.json()["topup_url"], Value::Null);
+    let r = topup_json(&gw, Some(&key), r#"{"amount":"10.00"}"#, &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(up.hits(), 0);
+    gw.shutdown().await;
+}
+
+// === the account ===
+
+const ACCOUNT: &str = "/.well-known/tollgate/account";
+
+async fn paid(gw: &Gateway, key: &str) -> String {
+    let r = get(&gw.url("/v1/chat/x"), &[("authorization", &bearer(key))]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.header("x-request-id").unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_key_sees_its_own_account_transactions_and_requests_and_nothing_else() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = gateway(&format!("{}[credits]\nspend_cap = \"5.00/day\"\n\n{}", routes(&up), fake.section())).await;
+    let (id, key) = gw.key("1.00").await;
+    let (other_id, other_key) = gw.key("1.00").await;
+    let rids = [paid(&gw, &key).await, paid(&gw, &key).await, paid(&gw, &key).await];
+    let other_rid = paid(&gw, &other_key).await;
+    let auth = bearer(&key);
+    let me = [("authorization", auth.as_str())];
+
+    let r = get(&gw.url(ACCOUNT), &me).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({
+            "key_id": id, "label": "test", "balance": "0.25", "currency": "USD", "held": "0.00",
+            "spend_cap": {"limit": "5.00", "window": "day", "spent": "0.75"},
+            "topup_url": "https://api.test/.well-known/tollgate/account/topup"
+        })
+    );
+    let r = get(&gw.url(ACCOUNT), &[("x-api-key", &key)]).await;
+    assert_eq!(r.json()["key_id"], id.as_str(), "X-API-Key works too");
+
+    // Newest first, two a page, with a cursor; only this key's rows.
+    let page = get(&gw.url(&format!("{ACCOUNT}/transactions?limit=2")), &me).await.json();
+    let txs = page["transactions"].as_array().unwrap();
+    assert_eq!(txs.len(), 2);
+    assert_eq!((txs[0]["kind"].as_str(), txs[0]["request_id"].as_str()), (Some("debit"), Some(rids[2].as_str())));
+    let next = page["next"].as_str().expect("a next cursor");
+    let rest = get(&gw.url(&format!("{ACCOUNT}/transactions?limit=2&before={next}")), &me).await.json();
+    let rest_txs = rest["transactions"].as_array().unwrap();
+    assert_eq!(rest_txs.len(), 2);
+    assert_eq!(rest_txs[1]["kind"], "credit");
+    assert!(rest.get("next").is_none(), "{rest}");
+    for t in txs.iter().chain(rest_txs) {
+        assert_eq!(t["key_id"], id.as_str());
+    }
+    let r = get(&gw.url(&format!("{ACCOUNT}/transactions?before=not-a-cursor")), &me).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = get(&gw.url(&format!("{ACCOUNT}/transactions?limit=0")), &me).await;
+    assert_eq!(r.status, 400);
+
+    // One request's charge.
+    let r = get(&gw.url(&format!("{ACCOUNT}/requests/{}", rids[0])), &me).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(
+        (j["status"].as_str(), j["amount"].as_str(), j["route"].as_str()),
+        (Some("captured"), Some("0.25"), Some("chat"))
+    );
+    assert_eq!(j["request_id"], rids[0].as_str());
+
+    // Another key's request is as unknown as one that never was.
+    let theirs = get(&gw.url(&format!("{ACCOUNT}/requests/{other_rid}")), &me).await;
+    let never = get(&gw.url(&format!("{ACCOUNT}/requests/01JNEVERMADE0000000000000")), &me).await;
+    assert_eq!((theirs.status.as_u16(), never.status.as_u16()), (404, 404));
+    assert_eq!(theirs.json()["type"], never.json()["type"]);
+    assert_eq!(theirs.json()["title"], never.json()["title"]);
+    assert!(!theirs.text().contains(&other_id));
+
+    // Wrong method.
+    let r = send("POST", &gw.url(ACCOUNT), &me, "").await;
+    assert_eq!((r.status.as_u16(), r.header("allow")), (405, Some("GET, HEAD")));
+    assert_eq!(up.hits(), 4, "only the paid requests reached the upstream");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_revoked_or_missing_keys_get_the_402_of_a_paid_route() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = with_stripe(&up, &fake).await;
+    let (id, key) = gw.key("1.00").await;
+    let unknown = "tg_live_0000000000000000000000000000000000000000";
+    assert!(gw.ledger.revoke(&id).await.unwrap());
+    let paths = [ACCOUNT.to_owned(), format!("{ACCOUNT}/transactions"), format!("{ACCOUNT}/requests/01J")];
+    for path in &paths {
+        let cases: [(Vec<(&str, String)>, &str); 4] = [
+            (vec![], "payment_missing"),
+            (vec![("authorization", bearer(unknown))], "payment_invalid"),
+            (vec![("authorization", bearer(&key))], "payment_invalid"),
+            (vec![("x-api-key", "not-a-key".into())], "payment_malformed"),
+        ];
+        for (headers, reason) in cases {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = get(&gw.url(path), &h).await;
+            assert_eq!(r.status, 402, "{path} {reason}: {}", r.text());
+            assert_eq!(r.header("content-type"), Some("application/problem+json"));
+            assert_eq!(r.json()["reason"], reason, "{path}");
+            assert_eq!(r.json()["credits"]["header"], "Authorization");
+            assert!(r.header("www-authenticate").unwrap().contains(reason));
+        }
+    }
+    let r = topup_json(&gw, Some(&key), r#"{"amount":"10.00"}"#, &[]).await;
+    assert_eq!((r.status.as_u16(), r.json()["reason"].as_str()), (402, Some("payment_invalid")));
+    assert!(fake.calls().is_empty());
+    assert_eq!(up.hits(), 0, "never forwarded");
+    gw.shutdown().await;
+}
+
+/// The whole story with only a key: read the balance, start a top-up, Stripe's webhook
+/// arrives, the credit shows, and so does each later charge.
+#[tokio::test]
+async fn after_the_webhook_the_customer_sees_the_credit_and_each_later_charge() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let gw = with_stripe(&up, &fake).await;
+    let (id, key) = gw.key("0").await;
+    let me = [("authorization", bearer(&key))];
+    let me: Vec<(&str, &str)> = me.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(get(&gw.url(ACCOUNT), &me).await.json()["balance"], "0.00");
+    assert_eq!(get(&gw.url("/v1/chat/x"), &me).await.json()["reason"], "insufficient_funds");
+
+    let started = topup_json(&gw, Some(&key), r#"{"amount":"10.00"}"#, &[]).await.json();
+    let session = started["session_id"].as_str().unwrap();
+    let call = &fake.calls()[0];
+    let cents: u64 = call.field("line_items[0][price_data][unit_amount]").unwrap().parse().unwrap();
+    let body = event(
+        "evt_paid",
+        COMPLETED,
+        session_object(session, call.field("client_reference_id").unwrap(), cents, "paid", "10.00"),
+    );
+    assert_eq!(post_webhook(&gw, &body, Some(&signature(&body))).await.status, 200);
+
+    let account = get(&gw.url(ACCOUNT), &me).await.json();
+    assert_eq!(account["balance"], "10.00");
+    let txs = get(&gw.url(&format!("{ACCOUNT}/transactions")), &me).await.json();
+    assert_eq!(txs["transactions"][0]["kind"], "credit");
+    assert_eq!(txs["transactions"][0]["amount"], "10.00");
+
+    let rid = paid(&gw, &key).await;
+    let txs = get(&gw.url(&format!("{ACCOUNT}/transactions")), &me).await.json();
+    assert_eq!(txs["transactions"][0]["kind"], "debit");
+    assert_eq!(txs["transactions"][0]["request_id"], rid.as_str());
+    assert_eq!(txs["transactions"][0]["amount"], "0.25");
+    assert_eq!(txs["transactions"][1]["kind"], "credit");
+    let charge = get(&gw.url(&format!("{ACCOUNT}/requests/{rid}")), &me).await.json();
+    assert_eq!((charge["amount"].as_str(), charge["status"].as_str()), (Some("0.25"), Some("captured")));
+    assert_eq!(gw.balance(&id).await, Micros(9_750_000));
+    gw.shutdown().await;
+}
+
+// === doctor ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_stripe_without_spending() {
+    let (up, fake) = (crate::support::ok_upstream().await, FakeStripe::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tollgate.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[ledger]\npath = \"{}\"\n\n{}{}",
+        dir.path().join("l.db").display(),
+        routes(&up),
+        fake.section()
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || crate::support::cli(&cfg, &["doctor"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("stripe secret_key: looks like a test-mode key"), "{out}");
+    assert!(out.contains("stripe webhook_secret: looks like a signing secret"), "{out}");
+    assert!(out.contains("answers GET /v1/balance"), "{out}");
+    assert!(!out.contains(stripe::SECRET_KEY) && !out.contains(WEBHOOK_SECRET), "{out}");
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!((calls[0].method.as_str(), calls[0].path.as_str()), ("GET", "/v1/balance"));
+
+    std::fs::write(&cfg, text.replace(stripe::SECRET_KEY, "pk_test_publishable").replace(WEBHOOK_SECRET, "secret"))
+        .unwrap();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || crate::support::cli(&cfg, &["doctor"])).await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("does NOT look like a Stripe secret key"), "{out}");
+    assert!(out.contains("does NOT look like a webhook signing secret"), "{out}");
+    assert!(out.contains("stripe api") && out.contains("FAILED"), "{out}");
 }
