@@ -92,7 +92,7 @@ pub(crate) fn verify(secret: &str, header: Option<&HeaderValue>, body: &[u8], no
     if !bool::from(matched) {
         return Err(SignatureError::NoMatch);
     }
-    if (now - t).abs() > TOLERANCE {
+    if now.abs_diff(t) > TOLERANCE.unsigned_abs() {
         return Err(SignatureError::Stale { t, now });
     }
     Ok(())
