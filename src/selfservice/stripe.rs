@@ -250,6 +250,31 @@ mod tests {
         assert_eq!(decode_form(b"a=%FF"), None);
     }
 
+    /// A Stripe that accepts the connection and never answers: the customer gets a
+    /// 503 after [`TIMEOUT`], not a hung request (virtual time).
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stripe_times_out_and_may_be_retried() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let raw: crate::selfservice::config::RawStripeConfig = toml::from_str(&format!(
+            "secret_key = \"sk_test_1\"\nwebhook_secret = \"whsec_1\"\napi_base = \"http://{addr}\"\n\
+             success_url = \"https://e.com/ok\"\ncancel_url = \"https://e.com/no\"\n"
+        ))
+        .unwrap();
+        let cfg = StripeConfig::parse(raw, &mut crate::config::values::Problems::default()).unwrap();
+        let client = StripeClient::new(&cfg).unwrap();
+        let started = tokio::time::Instant::now();
+        let e = client.create_checkout_session(&[("mode", "payment".into())], "idem").await.unwrap_err();
+        assert!(e.transient(), "{e}");
+        assert!(started.elapsed() >= TIMEOUT, "{:?}", started.elapsed());
+    }
+
     #[test]
     fn errors_say_whether_a_retry_can_help() {
         let refused = answer::<Session>(

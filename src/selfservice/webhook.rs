@@ -282,6 +282,8 @@ mod tests {
             verify(SECRET, Some(&header(&signed(SECRET, now + 301))), BODY, now),
             Err(SignatureError::Stale { .. })
         ));
+        let far = format!("t={},v1={}", i64::MIN, hex::encode(sign(SECRET, i64::MIN, BODY)));
+        assert!(matches!(verify(SECRET, Some(&header(&far)), BODY, now), Err(SignatureError::Stale { .. })));
         assert_eq!(verify(SECRET, None, BODY, now), Err(SignatureError::Missing));
         assert_eq!(verify("whsec_other", Some(&header(&signed(SECRET, now))), BODY, now), Err(SignatureError::NoMatch));
         assert_eq!(verify(SECRET, Some(&header(&signed(SECRET, now))), b"{}", now), Err(SignatureError::NoMatch));
