@@ -351,3 +351,47 @@ checkout.session.completed and checkout.session.async_payment_succeeded",
     );
     failures
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_answered_here_has_a_problem_page_and_its_status() {
+        for (code, status) in [
+            ("not_found", 404),
+            ("method_not_allowed", 405),
+            ("request_too_large", 413),
+            ("topup_amount_invalid", 400),
+            ("topup_failed", 502),
+            ("webhook_invalid", 400),
+            ("bad_request", 400),
+            ("payment_backend_unavailable", 503),
+            ("payment_missing", 402),
+            ("payment_malformed", 402),
+            ("payment_invalid", 402),
+        ] {
+            let doc = crate::problem::doc(code).unwrap_or_else(|| panic!("{code} has no problem page"));
+            assert_eq!(doc.status.as_u16(), status, "{code}");
+        }
+    }
+
+    #[test]
+    fn the_namespace_is_owned_in_any_case_and_nothing_else_is() {
+        assert!(SelfService::owns("/.well-known/tollgate/account"));
+        assert!(SelfService::owns("/.WELL-KNOWN/Tollgate/x"));
+        assert!(!SelfService::owns("/.well-known/tollgate"));
+        assert!(!SelfService::owns("/.well-known/other/"));
+        assert!(!SelfService::owns("/v1/.well-known/tollgate/account"));
+    }
+
+    #[test]
+    fn the_form_posts_the_key_in_the_body() {
+        let f =
+            topup_form("https://api.example.com/.well-known/tollgate/account/topup?x=\"1\"", Some(Micros(5_000_000)));
+        assert!(f.contains("method=\"post\""), "{f}");
+        assert!(f.contains("action=\"https://api.example.com/.well-known/tollgate/account/topup?x=&quot;1&quot;\""));
+        assert!(f.contains("name=\"key\" type=\"password\""), "{f}");
+        assert!(f.contains("value=\"5.00\""), "{f}");
+    }
+}

@@ -715,3 +715,40 @@ async fn doctor_checks_stripe_without_spending() {
     assert!(out.contains("does NOT look like a webhook signing secret"), "{out}");
     assert!(out.contains("stripe api") && out.contains("FAILED"), "{out}");
 }
+
+/// A metered charge (captured for less than its hold, with usage) shows its detail as
+/// the transaction itself carries it.
+#[tokio::test]
+async fn a_metered_charge_shows_its_hold_model_and_usage() {
+    use tollgate::ledger::{HoldOutcome, HoldRequest, Metered, SecretHash};
+    use tollgate::meter::{Usage, UsageSource};
+    let up = crate::support::ok_upstream().await;
+    let gw = gateway(&routes(&up)).await;
+    let (_, key) = gw.key("1.00").await;
+    let held = gw
+        .ledger
+        .authorize(HoldRequest {
+            secret: SecretHash::of(&key),
+            amount: Micros(50_000),
+            route: "chat",
+            request_id: "01JMETEREDREQUEST000000000",
+            spend_cap: None,
+        })
+        .await
+        .unwrap();
+    let HoldOutcome::Held { hold, .. } = held else { panic!("{held:?}") };
+    let usage = Usage { input: 1200, cached_input: 200, cache_write_input: 0, output: 300 };
+    let metered = Metered { model: "gpt-4o-mini".into(), usage, source: UsageSource::Reported };
+    assert!(gw.ledger.capture(hold, Micros(1_234), Some(&metered)).await.unwrap());
+
+    let auth = bearer(&key);
+    let r = get(&gw.url(&format!("{ACCOUNT}/requests/01JMETEREDREQUEST000000000")), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!((j["amount"].as_str(), j["status"].as_str()), (Some("0.001234"), Some("captured")));
+    assert_eq!(j["held"], "0.05");
+    assert_eq!(j["model"], "gpt-4o-mini");
+    assert_eq!(j["usage"]["input_tokens"], 1200);
+    assert_eq!(j["usage_source"], "reported");
+    gw.shutdown().await;
+}
