@@ -74,6 +74,9 @@ pub(crate) async fn doctor(cfg: Config) -> ExitCode {
             }
         }
     }
+    if let Some(s) = &cfg.stripe {
+        failures += crate::selfservice::doctor(s).await;
+    }
     let base = cfg.public_base();
     for r in &cfg.routes {
         let methods = if r.methods.is_empty() {

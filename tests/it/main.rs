@@ -14,6 +14,7 @@ mod lifecycle;
 mod metered;
 mod payment;
 mod postgres;
+mod selfservice;
 mod smoke;
 mod transparency;
 mod x402;
