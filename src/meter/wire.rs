@@ -16,7 +16,7 @@ use super::Usage;
 #[derive(Debug, Default)]
 pub(crate) struct Text<'a>(pub(crate) Option<Cow<'a, str>>);
 
-impl<'a> Text<'a> {
+impl Text<'_> {
     pub(crate) fn as_str(&self) -> &str {
         self.0.as_deref().unwrap_or("")
     }
