@@ -106,6 +106,10 @@ pub async fn start(
 ) -> Result<Running, ConfigErrors> {
     let errs = |m: String| ConfigErrors(vec![m]);
     let ledger_lock = lock_single_replica_ledger(&cfg).map_err(errs)?;
+    if cfg.routes.iter().any(|r| matches!(r.pricing, crate::config::Pricing::Metered(_))) {
+        // The tokenizer's tables load on first use; load them now, not on a request.
+        tokio::task::spawn_blocking(|| crate::meter::count_tokens("warm up"));
+    }
     let metrics = Arc::new(Metrics::new());
     let limits = Limits::from_config(&cfg);
     let tls = match &cfg.server.tls {

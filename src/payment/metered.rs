@@ -32,7 +32,7 @@ use http_body_util::{BodyExt, Limited};
 use super::gate::{GrantGuard, PaymentGate};
 use crate::config::{MeterPlan, OnDisconnect};
 use crate::ledger::Metered;
-use crate::meter::{self, Ask, Hold, Meter, ModelPrice, StreamMeter, Usage, UsageSource};
+use crate::meter::{self, Ask, Hold, Meter, ModelPrice, StreamMeter, Unreadable, Usage, UsageSource};
 use crate::money::{Micros, Money};
 use crate::proxy::ReqBody;
 use crate::rejection::MeterRefusal;
@@ -40,6 +40,8 @@ use crate::route::RequestCtx;
 use crate::{Body, BoxError};
 
 pub(super) const X_TOLLGATE_HOLD: HeaderName = HeaderName::from_static("x-tollgate-hold");
+/// Request bodies up to this size are tokenized on the request's own task.
+const TOKENIZE_INLINE: usize = 64 * 1024;
 
 /// A priced metered request, on its way to the upstream.
 #[derive(Debug)]
@@ -87,8 +89,17 @@ pub(super) async fn price_request(
             return Err(refuse("request_unreadable", "The request body was cut short or malformed.".to_owned()));
         }
     };
-    let ask = meter::read_request(plan.meter, &bytes)
-        .map_err(|e| refuse("request_unreadable", format!("Route {route} charges per token and {e}.")))?;
+    // Counting a long prompt's tokens takes milliseconds of CPU: off the runtime's
+    // threads, so other requests on this worker are not held up.
+    let read = if bytes.len() > TOKENIZE_INLINE {
+        let (meter, body) = (plan.meter, bytes.clone());
+        tokio::task::spawn_blocking(move || meter::read_request(meter, &body))
+            .await
+            .unwrap_or(Err(Unreadable::NotObject))
+    } else {
+        meter::read_request(plan.meter, &bytes)
+    };
+    let ask = read.map_err(|e| refuse("request_unreadable", format!("Route {route} charges per token and {e}.")))?;
     let Some(model) = meter::find_model(models, &ask.model) else {
         let mut priced: Vec<&str> = models.iter().map(|m| m.name.as_str()).take(8).collect();
         if models.len() > priced.len() {

@@ -742,3 +742,22 @@ async fn metered_routes_refuse_x402_and_unknown_meters_at_load() {
     let err = tollgate::config::Config::parse(&text, |_| None).unwrap_err().to_string();
     assert!(err.contains("route[0].meter") && err.contains("unknown meter"), "{err}");
 }
+
+#[tokio::test]
+async fn a_long_prompt_is_counted_off_the_request_thread_and_held_for() {
+    let (up, _llm) = llm_upstream().await;
+    let gw = gateway(&routes(&up, "")).await;
+    let (id, key) = gw.key("1.00").await;
+    // About 200 KB of prose: well over what is tokenized inline.
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(4_500);
+    let body = json!({"model": "gpt-test", "max_tokens": 10, "messages": [{"role": "user", "content": prompt}]});
+    let r = post(&gw.url("/v1/chat/completions"), &key, &[], body).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(header_micros(r.headers.get("x-tollgate-charged")), CHAT_CHARGE);
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let held = micros(&debit(&gw, &id, &rid).await["held"]);
+    // 10 tokens per sentence × 4,500 at 1.25 per token (the highest input price), plus
+    // the output and fixed parts: the hold covers the prompt without a large margin.
+    assert!((56_000..80_000).contains(&held), "held {held}");
+    gw.shutdown().await;
+}
