@@ -94,6 +94,22 @@ pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
     serde_json::to_vec(&obj).ok().map(Bytes::from)
 }
 
+/// The body as the upstream will get it: `body` parsed and written out again (with
+/// `include_usage` set when asked), so the upstream reads exactly the JSON that was
+/// priced. Forwarding the client's own bytes would let a body whose keys repeat
+/// (`"model"` twice) be priced on one reading and served on another, for parsers that
+/// keep the first of two equal keys where this one keeps the last. `None` if `body` is
+/// not a JSON object.
+pub fn canonical_body(body: &[u8], include_usage: bool) -> Option<Bytes> {
+    if include_usage {
+        return with_include_usage(body);
+    }
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    serde_json::to_vec(&obj).ok().map(Bytes::from)
+}
+
 fn bad(msg: &str) -> Unreadable {
     Unreadable::BadField(msg.to_owned())
 }

@@ -588,6 +588,31 @@ impl PaymentGate {
             }
         };
         let status = res.status();
+        if metered::is_encoded(res.headers()) && status.as_u16() < 400 {
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                route = %ctx.route.name,
+                "the upstream encoded a metered answer it was asked to send as is; charged the hold"
+            );
+            let bill = metered::bill_unreadable(&call);
+            let mut res = res;
+            match self.close_metered(&ctx, &call, guard.take(), &bill).await {
+                Ok(receipt) => attach_receipt(res.headers_mut(), receipt),
+                Err(d) => {
+                    let charge = Charge {
+                        route: &ctx.route,
+                        price: call.hold.amount,
+                        request_id: &ctx.request_id,
+                        client_ip: ctx.client_ip,
+                        public_base: &self.public_base,
+                        path: &path,
+                        hold_note: Some(&call.note),
+                    };
+                    return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
+                }
+            }
+            return Ok(res);
+        }
         if metered::is_event_stream(res.headers()) {
             let (mut parts, body) = res.into_parts();
             metered::stream_head(&mut parts.headers, &call);

@@ -111,11 +111,13 @@ pub(super) async fn price_request(
         ));
     };
     let hold = meter::hold(&ask, model, plan.fixed, plan.max_price);
-    let forwarded = match (plan.meter, ask.stream) {
-        (Meter::OpenAiChat, true) => meter::with_include_usage(&bytes).unwrap_or(bytes),
-        _ => bytes,
+    let include_usage = plan.meter == Meter::OpenAiChat && ask.stream;
+    let Some(forwarded) = meter::canonical_body(&bytes, include_usage) else {
+        return Err(refuse("request_unreadable", format!("Route {route} charges per token and {}.", Unreadable::NotObject)));
     };
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
+    // tollgate reads the answer for its usage: it must come uncompressed.
+    parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     let trailers = parts.version == Version::HTTP_2
         || parts
             .headers
@@ -161,6 +163,26 @@ pub(crate) enum Ending {
     /// The upstream answered 400 or above, failed, or its body broke off; `chargeable`
     /// by the route's `charge_on`.
     Failed { chargeable: bool },
+}
+
+/// The bill of an answer whose body cannot be read for usage (the upstream encoded it
+/// although it was asked not to): the whole hold, marked estimated, since anything less
+/// could be gamed.
+pub(crate) fn bill_unreadable(call: &MeteredCall) -> Bill {
+    let usage = Usage { input: call.hold.input_tokens, output: call.hold.output_tokens, ..Usage::default() };
+    Bill {
+        amount: call.hold.amount,
+        metered: Some(Metered { model: call.model.name.clone(), usage, source: UsageSource::Estimated }),
+        overrun: false,
+    }
+}
+
+/// Whether a response body is encoded (`Content-Encoding` other than `identity`).
+pub(super) fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| v.to_str().map_or(true, |v| v.split(',').any(|c| !c.trim().eq_ignore_ascii_case("identity"))))
 }
 
 /// The one rule from what was seen to the amount charged:
