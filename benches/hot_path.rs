@@ -96,7 +96,7 @@ fn credits_check(c: &mut Criterion) {
                     .await
                     .unwrap();
                 let HoldOutcome::Held { hold, .. } = out else { panic!("{out:?}") };
-                ledger.capture(hold).await.unwrap();
+                ledger.capture(hold, Micros(2_000), None).await.unwrap();
             }
         })
     });

@@ -5,11 +5,11 @@
 #
 # Starts a minimal origin (nginx, `return 200`), nginx as a plain reverse proxy (one
 # worker, upstream keep-alive), and tollgate on a free route, a credits route on
-# SQLite and a credits route on PostgreSQL. Every proxy is pinned to core 0; the
+# SQLite, a metered (per-token) chat route on SQLite and a credits route on PostgreSQL. Every proxy is pinned to core 0; the
 # origin and the load generator (wrk) to core 1. Measures saturated requests/s
 # (64 connections) and unloaded latency (1 connection), direct and through each
 # proxy, in one run, then RSS idle and while streaming a 1 GB body. Prints a table
-# with ratios to nginx. Installs nginx, wrk and PostgreSQL from Debian if missing.
+# with ratios to nginx, and RSS while a 100 MB event stream passes a metered route. Installs nginx, wrk and PostgreSQL from Debian if missing.
 # Talks only to 127.0.0.1; every process it starts is stopped by PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,12 +57,25 @@ ORIGIN=$(free_port); NGX=$(free_port); TG_PORT=$(free_port); TG_ADMIN=$(free_por
 # --- origin: nginx answering 200 with a small body, plus a 1 GB file for streaming
 mkdir -p "$WORK/www" "$WORK/tmp"
 truncate -s 1G "$WORK/www/big"
+# A 100 MB OpenAI-style chat stream (content chunks, the usage chunk, [DONE]).
+mkdir -p "$WORK/www/v1/stream"
+python3 - "$WORK/www/v1/stream/chat" <<'PY'
+import sys
+chunk = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"token "},"finish_reason":null}],"usage":null}\n\n'
+with open(sys.argv[1], "wb") as f:
+    f.write(chunk * (100 * 1024 * 1024 // len(chunk)))
+    f.write(b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":600000,"total_tokens":600012}}\n\ndata: [DONE]\n\n')
+PY
+CHAT_JSON='{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}'
 cat > "$WORK/origin.conf" <<CONF
 worker_processes 1; daemon off; pid $WORK/origin.pid; error_log $WORK/origin.err warn;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp; uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
-  server { listen 127.0.0.1:$ORIGIN; location /big { root $WORK/www; } location / { return 200 "ok\n"; } } }
+  server { listen 127.0.0.1:$ORIGIN; location /big { root $WORK/www; }
+    location = /v1/chat/completions { default_type application/json; return 200 '$CHAT_JSON'; }
+    location /v1/stream/ { root $WORK/www; default_type text/event-stream; error_page 405 =200 \$uri; }
+    location / { return 200 "ok\n"; } } }
 CONF
 taskset -c $LOAD_CORE "$NGINX" -c "$WORK/origin.conf" & PIDS+=($!)
 
@@ -112,6 +125,26 @@ path = "/paid/*"
 price = "0.000001"
 accept = ["credits"]
 [[route]]
+name = "chat"
+upstream = "origin"
+path = "/v1/chat/completions"
+methods = ["POST"]
+accept = ["credits"]
+meter = "openai-chat"
+[[route]]
+name = "stream"
+upstream = "origin"
+path = "/v1/stream/chat"
+methods = ["POST"]
+accept = ["credits"]
+meter = "openai-chat"
+max_price = "1000"
+[[model]]
+name = "*"
+input = "0.15"
+output = "0.60"
+max_output_tokens = 1024
+[[route]]
 name = "free"
 upstream = "origin"
 path = "/*"
@@ -123,14 +156,17 @@ tg_config $TGP_PORT $TGP_ADMIN postgres > "$WORK/tgp.toml"
 # Paying clients: KEYS API keys (default 64, one per connection), used round-robin by a
 # wrk script, as many customers would; KEYS=1 measures one hot key instead.
 export KEYS=${KEYS:-64}
-make_keys() { # config → wrk lua script
-  local lua="$WORK/keys-$(basename "$1" .toml).lua"
+make_keys() { # config [method body] → wrk lua script
+  local lua="$WORK/keys-$(basename "$1" .toml)${2:+-post}.lua"
   echo "local keys = {" > "$lua"
   for _ in $(seq 1 "$KEYS"); do
     $TG keys create --balance 1000000 --json --config "$1" | python3 -c 'import json,sys; print("  \"Bearer " + json.load(sys.stdin)["key"] + "\",")' >> "$lua"
   done
+  echo "}" >> "$lua"
+  if [ -n "${2:-}" ]; then
+    printf 'wrk.method = "%s"\nwrk.body = [[%s]]\nwrk.headers["Content-Type"] = "application/json"\n' "$2" "$3" >> "$lua"
+  fi
   cat >> "$lua" <<'LUA'
-}
 local i = 0
 request = function()
   i = i % #keys + 1
@@ -140,6 +176,10 @@ LUA
   echo "$lua"
 }
 KEY_LUA=$(make_keys "$WORK/tg.toml")
+# A typical small chat request: two messages, max_tokens 256.
+CHAT_BODY='{"model":"gpt-4o-mini","max_tokens":256,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"What is the capital of France?"}]}'
+CHAT_LUA=$(make_keys "$WORK/tg.toml" POST "$CHAT_BODY")
+STREAM_KEY=$($TG keys create --balance 1000000 --json --config "$WORK/tg.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 PKEY_LUA=$(make_keys "$WORK/tgp.toml")
 taskset -c $PROXY_CORE $TG run --config "$WORK/tg.toml" 2>"$WORK/tg.err" & TG_PID=$!; PIDS+=($TG_PID)
 wait_port $ORIGIN; wait_port $NGX; wait_port $TG_PORT
@@ -199,6 +239,7 @@ measure direct "http://127.0.0.1:$ORIGIN/x"
 measure nginx "http://127.0.0.1:$NGX/x"
 measure tollgate_free "http://127.0.0.1:$TG_PORT/x"
 measure tollgate_credits_sqlite "http://127.0.0.1:$TG_PORT/paid/x" "$KEY_LUA"
+measure tollgate_metered_sqlite "http://127.0.0.1:$TG_PORT/v1/chat/completions" "$CHAT_LUA"
 
 # Streaming RSS: 1 GB through tollgate, sampling RSS.
 MAXRSS=$IDLE_RSS
@@ -206,6 +247,16 @@ taskset -c $LOAD_CORE curl -s -o /dev/null "http://127.0.0.1:$TG_PORT/big" & CUR
 while kill -0 $CURL 2>/dev/null; do
   r=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status); [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r; sleep 0.05
 done
+# Metered streaming RSS: a 100 MB event stream through the usage meter.
+SSE_BASE=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status); SSE_MAX=$SSE_BASE
+taskset -c $LOAD_CORE curl -s -o "$WORK/sse.out" -H "Authorization: Bearer $STREAM_KEY" -H 'Content-Type: application/json' \
+  -d '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Count."}]}' \
+  "http://127.0.0.1:$TG_PORT/v1/stream/chat" & CURL=$!
+while kill -0 $CURL 2>/dev/null; do
+  r=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status); [ "$r" -gt "$SSE_MAX" ] && SSE_MAX=$r; sleep 0.05
+done
+SSE_BYTES=$(stat -c %s "$WORK/sse.out")
+export SSE_BASE SSE_MAX SSE_BYTES
 kill $TG_PID; wait $TG_PID 2>/dev/null || true
 
 taskset -c $PROXY_CORE $TG run --config "$WORK/tgp.toml" 2>"$WORK/tgp.err" & TGP_PID=$!; PIDS+=($TGP_PID)
@@ -216,11 +267,11 @@ measure tollgate_credits_postgres "http://127.0.0.1:$TGP_PORT/paid/x" "$PKEY_LUA
 export PG_CPU_US=${PG_US[tollgate_credits_postgres]}
 row() { echo "${RPS[$1]} ${P50[$1]} ${P99[$1]} ${BUSY0[$1]} ${BUSY1[$1]}"; }
 python3 - "$IDLE_RSS" "$MAXRSS" "$(row direct)" "$(row nginx)" "$(row tollgate_free)" \
-  "$(row tollgate_credits_sqlite)" "$(row tollgate_credits_postgres)" <<'PY'
+  "$(row tollgate_credits_sqlite)" "$(row tollgate_metered_sqlite)" "$(row tollgate_credits_postgres)" <<'PY'
 import sys, subprocess, datetime, platform
 idle, maxrss = int(sys.argv[1]), int(sys.argv[2])
-rows = ["direct (no proxy)", "nginx (plain proxy)", "tollgate free route", "tollgate credits (SQLite)", "tollgate credits (PostgreSQL)"]
-vals = [list(map(float, a.split())) for a in sys.argv[3:8]]
+rows = ["direct (no proxy)", "nginx (plain proxy)", "tollgate free route", "tollgate credits (SQLite)", "tollgate metered chat (SQLite)", "tollgate credits (PostgreSQL)"]
+vals = [list(map(float, a.split())) for a in sys.argv[3:9]]
 ng = vals[1][0]; d50, d99 = vals[0][1], vals[0][2]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 ver = subprocess.run(["target/release/tollgate", "--version"], capture_output=True, text=True).stdout.strip()
@@ -241,4 +292,7 @@ print("proxy core below 100% busy means the bound was elsewhere, e.g. the load c
 print(f"\nPaying clients use {os.environ.get('KEYS', '64')} API keys round-robin; PostgreSQL 15 on the same machine, synchronous_commit={os.environ.get('PG_SYNC_COMMIT', 'on')}")
 print(f"PostgreSQL's own CPU per paid request (all its processes, saturated run): {os.environ['PG_CPU_US']} µs")
 print(f"tollgate RSS: idle {idle/1024:.1f} MB; max while streaming 1 GB {maxrss/1024:.1f} MB")
+print(f"metered chat vs fixed-price credits (same run): {vals[4][0] / vals[3][0]:.2f}x")
+e = os.environ
+print(f"metered event stream: {int(e['SSE_BYTES']) / 1e6:.0f} MB delivered; RSS {int(e['SSE_BASE'])/1024:.1f} MB before, max {int(e['SSE_MAX'])/1024:.1f} MB during")
 PY

@@ -42,8 +42,11 @@ pub async fn open_ledger(cfg: &Config) -> Result<Arc<dyn Ledger>, String> {
         }
         LedgerBackend::Postgres => {
             let url = cfg.ledger.url.as_deref().ok_or("ledger.url is required when ledger.backend = \"postgres\"")?;
-            let opts =
-                PostgresOptions { pool_size: cfg.ledger.pool_size, statement_timeout: cfg.ledger.statement_timeout };
+            let opts = PostgresOptions {
+                pool_size: cfg.ledger.pool_size,
+                statement_timeout: cfg.ledger.statement_timeout,
+                ..PostgresOptions::default()
+            };
             let l = PostgresLedger::connect(url, opts).await.map_err(|e| format!("ledger (postgres): {e}"))?;
             Ok(Arc::new(l))
         }

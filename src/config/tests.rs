@@ -484,3 +484,66 @@ fn rule_x402_asset_symbol_is_letters_and_digits() {
     let x = "\n[x402]\nfacilitator = \"http://127.0.0.1:1\"\nnetwork = \"eip155:84532\"\nasset = \"0x036CbD53842c5426634e7929541eC2318f3dCF7e\"\npay_to = \"0x209693Bc6afc0C5328bA36FaF03C514EF312287C\"\nasset_symbol = \"US DC\"\n";
     one_error(&format!("{MINIMAL}{x}"), "x402.asset_symbol", "not a token symbol");
 }
+
+// === metered routes and [[model]] ===
+
+const MODEL: &str = "\n[[model]]\nname = \"gpt-4o-mini\"\ninput = \"0.15\"\noutput = \"0.60\"\nmax_output_tokens = 16384\n";
+
+fn metered(extra: &str) -> String {
+    route(&format!("path = \"/v1/chat/completions\"\naccept = [\"credits\"]\nmeter = \"openai-chat\"\n{extra}"))
+}
+
+#[test]
+fn metered_route_and_models_parse_with_their_defaults() {
+    let text = metered("price = \"0.0001\"\nmax_price = \"0.50\"\non_disconnect = \"stop\"") + MODEL;
+    let cfg = parse(&text).unwrap();
+    let Pricing::Metered(plan) = cfg.routes[1].pricing else { panic!("{:?}", cfg.routes[1].pricing) };
+    assert_eq!(plan.meter, crate::meter::Meter::OpenAiChat);
+    assert_eq!((plan.fixed, plan.max_price), (Micros(100), Some(Micros(500_000))));
+    assert_eq!(plan.on_disconnect, OnDisconnect::Stop);
+    assert_eq!((plan.max_request_bytes, plan.max_response_bytes), (8 * 1024 * 1024, 16 * 1024 * 1024));
+    let m = &cfg.models[0];
+    assert_eq!((m.input.0, m.output.0, m.max_output_tokens), (Micros(150_000), Micros(600_000), 16384));
+    assert_eq!((m.cached_input, m.cache_write_input), (m.input, m.input), "cache prices default to input");
+    let plan = match parse(&(metered("") + MODEL)).unwrap().routes[1].pricing {
+        Pricing::Metered(p) => p,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((plan.fixed, plan.max_price, plan.on_disconnect), (Micros::ZERO, None, OnDisconnect::Finish));
+}
+
+#[test]
+fn rule_metered_routes_need_a_known_meter_models_and_a_metered_rail() {
+    one_error(&(metered("").replace("openai-chat", "openai") + MODEL), "route[1].meter", "unknown meter");
+    one_error(&metered(""), "route[1].meter", "no [[model]]");
+    let x402 = metered("").replace("accept = [\"credits\"]", "accept = [\"credits\", \"x402\"]") + MODEL;
+    one_error(&x402, "route[1].accept[1]", "cannot pay a metered route");
+    let e = errors(&(metered("free = true") + MODEL));
+    assert!(e.contains(&"route[1].free: a route cannot be free and metered".to_owned()), "{e:?}");
+    one_error(&(metered("max_price = \"0\"") + MODEL), "route[1].max_price", "above zero");
+    one_error(&(metered("price = \"1\"\nmax_price = \"0.5\"") + MODEL), "route[1].max_price", "fixed price");
+    one_error(&(metered("max_request_bytes = 0") + MODEL), "route[1].max_request_bytes", "above zero");
+    one_error(&(metered("on_disconnect = \"later\"") + MODEL), "route[1].on_disconnect", "unknown variant");
+}
+
+#[test]
+fn rule_meter_keys_only_on_metered_routes() {
+    let text = route("path = \"/p\"\nprice = \"1\"\naccept = [\"credits\"]\nmax_price = \"2\"");
+    one_error(&text, "route[1].max_price", "only to metered routes");
+}
+
+#[test]
+fn rule_model_prices_are_exact_and_bounded() {
+    let with = |m: &str| metered("") + m;
+    one_error(
+        &with("\n[[model]]\nname = \"m\"\ninput = \"0.0000001\"\noutput = \"1\"\nmax_output_tokens = 1\n"),
+        "model[0].input",
+        "6 decimal",
+    );
+    one_error(&with("\n[[model]]\nname = \"m\"\ninput = \"1\"\noutput = \"1\"\n"), "model[0].max_output_tokens", "required");
+    one_error(&with("\n[[model]]\nname = \"g*pt\"\ninput = \"1\"\noutput = \"0\"\n"), "model[0].name", "only at the end");
+    one_error(&with(&format!("{MODEL}{MODEL}")), "model[1].name", "duplicate");
+    one_error(&with("\n[[model]]\nname = \"m\"\ninput = \"1\"\n"), "model[0]", "output");
+    // Free output (embeddings) needs no output bound.
+    assert!(parse(&with("\n[[model]]\nname = \"e\"\ninput = \"0.02\"\noutput = \"0\"\n")).is_ok());
+}

@@ -5,11 +5,34 @@
 //! [`Ledger::authorize`] takes a **hold** atomically, as a conditional debit (the
 //! balance can never go below zero, whatever the concurrency or number of replicas;
 //! PostgreSQL writes it, SQLite keeps it in memory, see [`holds`]);
-//! [`Ledger::capture`] makes it final once the upstream answered with a chargeable
-//! status; [`Ledger::release`] gives it back (recorded as a `refund`) when it did not.
-//! Holds a crashed process left open are released by [`Ledger::release_stale_holds`].
+//! [`Ledger::capture`] makes it final, for the held amount or less, when the charge is
+//! settled (a fixed price once the upstream answered with a chargeable status, a
+//! metered one when the response body ends); [`Ledger::release`] gives it back
+//! (recorded as a `refund`) when nothing is owed. Holds a crashed process left open are released by
+//! [`Ledger::release_stale_holds`].
 //!
-//! Invariant for every key, at every commit: `balance = Σ credit − Σ debit + Σ refund`.
+//! Invariant for every key, at every commit: `balance = Σ credit − Σ debit + Σ refund`
+//! (pending debits count).
+//!
+//! # Metered captures
+//!
+//! A metered (per-token) request holds the most it can cost, and captures what it
+//! actually cost when its response body ends. Like a two-phase transfer's *post*, a
+//! capture of less than the hold is one operation: the debit row's `amount` becomes
+//! the captured amount, its `held` column records the hold, and the balance gets the
+//! difference back. The remainder has **no refund row**: the debit row alone says what
+//! was taken, so the invariant above holds with the captured amount as the debit. A
+//! capture of zero is a release (a `refund` row of the whole hold), since amounts are
+//! positive. The usage the capture was priced from ([`Metered`]) is stored on the same
+//! row.
+//!
+//! # How long a hold lives
+//!
+//! A hold lives as long as its request, however long a stream runs: the periodic
+//! sweep only releases holds whose process is gone. SQLite keeps open holds in the
+//! memory of the one process that owns the file, so they die with it and the sweep
+//! never touches them; PostgreSQL renews a lease on the holds each replica has open
+//! (see `postgres/`), and the sweep releases only holds whose lease ran out.
 //!
 //! Listings are newest first by time (`created_at`, then id), and paged with an opaque
 //! [`Cursor`]: ids do not follow time on SQLite, whose gateway numbers rows from
@@ -32,6 +55,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::meter::{Usage, UsageSource};
 use crate::money::Micros;
 
 /// Prefix of every API key secret, so leaked keys are recognisable (and scannable).
@@ -109,6 +133,26 @@ pub struct KeyInfo {
     pub created_at: i64,
 }
 
+/// A key's own account, as the customer self-service endpoints show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// The key; its balance is what is left after its open holds.
+    pub key: KeyInfo,
+    /// Open holds (pending debits) of the key.
+    pub held: Micros,
+    /// Debits less refunds in the last `spend_window`, when asked: what the spend cap
+    /// counts (open holds included).
+    pub spent: Option<Micros>,
+}
+
+/// A metered debit's detail, recorded with its capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metered {
+    pub model: String,
+    pub usage: Usage,
+    pub source: UsageSource,
+}
+
 /// What [`Ledger::authorize`] is asked to hold.
 #[derive(Debug, Clone)]
 pub struct HoldRequest<'a> {
@@ -143,14 +187,6 @@ pub enum HoldOutcome {
     },
 }
 
-/// A metered debit's detail, recorded with its capture.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Metered {
-    pub model: String,
-    pub usage: crate::meter::Usage,
-    pub source: crate::meter::UsageSource,
-}
-
 /// Identifies one hold (the debit transaction row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HoldId(pub i64);
@@ -181,6 +217,11 @@ impl TxKind {
 }
 
 /// One transaction row, as the admin API returns it.
+///
+/// A captured debit's `amount` is what was captured. When that is less than the hold
+/// (or the capture was metered), `held` says how much was held: the difference went
+/// back to the balance with the capture, with no `refund` row. The metered fields are
+/// serialized only when set, so a fixed-price debit reads as it always did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Transaction {
     pub id: i64,
@@ -194,6 +235,18 @@ pub struct Transaction {
     pub status: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
+    /// The hold of a capture that took less than it, or of a metered capture.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_money")]
+    pub held: Option<Micros>,
+    /// The model a metered capture was priced for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The tokens a metered capture was priced from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// Whether the upstream reported that usage or tollgate estimated it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_source: Option<UsageSource>,
 }
 
 /// Most transactions one page may carry (`limit` of `GET /admin/transactions`).
@@ -293,6 +346,13 @@ fn ser_money<S: serde::Serializer>(m: &Micros, s: S) -> std::result::Result<S::O
     s.collect_str(m)
 }
 
+fn ser_opt_money<S: serde::Serializer>(m: &Option<Micros>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match m {
+        Some(m) => s.collect_str(m),
+        None => s.serialize_none(),
+    }
+}
+
 /// What every backend does: accounts (keys and balances), holds, the transaction
 /// listing, the x402 replay store and settlement log, and a health check.
 ///
@@ -315,18 +375,34 @@ pub trait Ledger: Send + Sync + 'static {
     /// false`; the same idempotency key with another amount or another key id is
     /// [`LedgerError::IdempotencyConflict`].
     async fn credit(&self, id: &str, amount: Micros, idempotency_key: Option<&str>) -> Result<CreditOutcome>;
+    /// A key's own account, looked up by its secret (the customer self-service
+    /// endpoints); `None` for an unknown secret. `spent` is given when `spend_window`
+    /// is.
+    async fn account(&self, secret: SecretHash, spend_window: Option<Duration>) -> Result<Option<Account>>;
 
     // === holds ===
 
     /// Looks the key up by its secret's hash and atomically holds `amount`.
     async fn authorize(&self, req: HoldRequest<'_>) -> Result<HoldOutcome>;
-    /// Makes a hold final. Idempotent: true when the hold is (now or already) captured,
-    /// false when it was released before (e.g. swept as stale): then nothing is charged
-    /// and the caller must not deliver the paid response.
-    async fn capture(&self, hold: HoldId) -> Result<bool>;
+    /// Makes a hold final for `amount` ≤ the held amount; the rest goes back to the
+    /// balance in the same operation (the debit row records both, see the module docs).
+    /// `metered` is stored with the debit.
+    ///
+    /// Returns true when the hold is (now or already) captured, false when it was
+    /// released before (e.g. its process died and it was swept): then nothing is
+    /// charged and the caller must not deliver the paid response. Idempotent: capturing
+    /// a captured hold again changes nothing and answers true.
+    ///
+    /// `amount` above the hold is [`LedgerError::Other`] and changes nothing. An
+    /// `amount` of zero releases the hold exactly as [`Ledger::release`] does (a
+    /// `refund` row of the whole hold) and answers true, also for a hold released
+    /// before: charging nothing is always possible.
+    async fn capture(&self, hold: HoldId, amount: Micros, metered: Option<&Metered>) -> Result<bool>;
     /// Gives a hold back, recorded as a `refund` of the same amount. Idempotent.
     async fn release(&self, hold: HoldId) -> Result<()>;
-    /// Releases holds older than `older_than` (left behind by a crashed process).
+    /// Releases holds older than `older_than` that no live process has open (left
+    /// behind by a crashed process). A hold open in this ledger is never released by
+    /// it, however old: a hold lives as long as its request.
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64>;
 
     // === transactions ===
@@ -340,6 +416,11 @@ pub trait Ledger: Send + Sync + 'static {
     async fn transactions(&self, key: Option<&str>, limit: usize) -> Result<Vec<Transaction>> {
         Ok(self.transaction_page(TxQuery { key, before: None, limit }).await?.transactions)
     }
+
+    /// The transactions of one request of one key (its debit, and the refund if it was
+    /// released), oldest first; empty if none, also when the request belongs to another
+    /// key.
+    async fn request_transactions(&self, key_id: &str, request_id: &str) -> Result<Vec<Transaction>>;
 
     // === x402: replay store and settlement log ===
 
@@ -371,6 +452,10 @@ mod tests {
             request_id: None,
             status: None,
             created_at,
+            held: None,
+            model: None,
+            usage: None,
+            usage_source: None,
         }
     }
 

@@ -6,13 +6,15 @@
 
 use std::time::Duration;
 
-use super::{HoldId, KeyInfo, LedgerError, Result, Transaction, TxKind};
+use super::{HoldId, KeyInfo, LedgerError, Metered, Result, Transaction, TxKind};
+use crate::meter::{Usage, UsageSource};
 use crate::money::Micros;
 
 /// The `keys` columns [`KeyRow`] holds, in its order.
 pub(crate) const KEY_COLUMNS: &str = "id, label, balance, revoked, created_at";
 /// The `transactions` columns [`TxRow`] holds, in its order.
-pub(crate) const TX_COLUMNS: &str = "id, key_id, kind, amount, route, request_id, status, created_at";
+pub(crate) const TX_COLUMNS: &str = "id, key_id, kind, amount, route, request_id, status, created_at, held, model, \
+     input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens, usage_source";
 
 // === amounts ===
 
@@ -89,6 +91,11 @@ pub(crate) struct TxRow {
     pub(crate) request_id: Option<String>,
     pub(crate) status: Option<String>,
     pub(crate) created_at: i64,
+    pub(crate) held: Option<i64>,
+    pub(crate) model: Option<String>,
+    /// input, cached input, cache write input, output.
+    pub(crate) tokens: [Option<i64>; 4],
+    pub(crate) usage_source: Option<String>,
 }
 
 impl TxRow {
@@ -99,6 +106,27 @@ impl TxRow {
             "refund" => TxKind::Refund,
             other => return Err(LedgerError::Other(format!("unknown transaction kind {other:?}"))),
         };
+        let usage = match self.tokens {
+            [None, None, None, None] => None,
+            [Some(input), Some(cached_input), Some(cache_write_input), Some(output)] => Some(Usage {
+                input: from_db(input)?.get(),
+                cached_input: from_db(cached_input)?.get(),
+                cache_write_input: from_db(cache_write_input)?.get(),
+                output: from_db(output)?.get(),
+            }),
+            partial => {
+                return Err(LedgerError::Other(format!(
+                    "transaction {} has some token counts but not all ({partial:?}); was it edited by hand?",
+                    self.id
+                )))
+            }
+        };
+        let usage_source = match self.usage_source.as_deref() {
+            None => None,
+            Some(s) => Some(UsageSource::parse(s).ok_or_else(|| {
+                LedgerError::Other(format!("transaction {} has an unknown usage source {s:?}", self.id))
+            })?),
+        };
         Ok(Transaction {
             id: self.id,
             key_id: self.key_id,
@@ -108,8 +136,56 @@ impl TxRow {
             request_id: self.request_id,
             status: self.status,
             created_at: self.created_at,
+            held: self.held.map(from_db).transpose()?,
+            model: self.model,
+            usage,
+            usage_source,
         })
     }
+}
+
+/// The columns a capture writes besides its amount, as both stores keep them: the
+/// model, the four token counts (`Usage` order) and the usage source; all `NULL` for a
+/// fixed-price capture.
+pub(crate) struct MeteredRow {
+    pub(crate) model: Option<String>,
+    pub(crate) tokens: [Option<i64>; 4],
+    pub(crate) usage_source: Option<&'static str>,
+}
+
+impl MeteredRow {
+    pub(crate) fn of(metered: Option<&Metered>) -> Result<MeteredRow> {
+        let Some(m) = metered else {
+            return Ok(MeteredRow { model: None, tokens: [None; 4], usage_source: None });
+        };
+        let u = &m.usage;
+        let mut tokens = [None; 4];
+        for (slot, n) in tokens.iter_mut().zip([u.input, u.cached_input, u.cache_write_input, u.output]) {
+            *slot = Some(int_to_db(n)?);
+        }
+        Ok(MeteredRow { model: Some(m.model.clone()), tokens, usage_source: Some(m.source.as_str()) })
+    }
+}
+
+/// What a capture of `amount` does to a hold of `hold` (both positive or zero, checked
+/// before anything is written): `None` when it asks for more than was held.
+/// Otherwise the `held` column to write: the hold when the capture took less than it or
+/// was metered (so the row says what was held), `NULL` for a fixed-price capture of the
+/// whole hold (whose row reads as it always did).
+pub(crate) fn held_column(hold: i64, amount: i64, metered: bool) -> Option<Option<i64>> {
+    if amount > hold {
+        return None;
+    }
+    Some((metered || amount != hold).then_some(hold))
+}
+
+pub(crate) fn capture_above_hold(hold: HoldId, amount: Micros, held: i64) -> LedgerError {
+    LedgerError::Other(format!(
+        "cannot capture {amount} USD from hold {}, which holds only {} USD; nothing was charged and the hold \
+         is still open: capture at most the held amount, or release it",
+        hold.0,
+        Micros(u64::try_from(held).unwrap_or(0))
+    ))
 }
 
 // === rules ===
@@ -152,6 +228,39 @@ mod tests {
         assert!(matches!(hold_amount(Micros::ZERO), Err(LedgerError::Other(_))));
         assert!(matches!(credit_amount(Micros::ZERO), Err(LedgerError::Other(_))));
         assert_eq!(hold_amount(Micros(1)).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_capture_records_its_hold_when_it_took_less_or_was_metered() {
+        assert_eq!(held_column(10, 11, false), None, "above the hold");
+        assert_eq!(held_column(10, 10, false), Some(None), "a fixed price reads as it always did");
+        assert_eq!(held_column(10, 10, true), Some(Some(10)));
+        assert_eq!(held_column(10, 4, false), Some(Some(10)));
+        assert_eq!(held_column(10, 0, true), Some(Some(10)));
+    }
+
+    #[test]
+    fn stored_usage_is_all_or_nothing() {
+        let row = |tokens, source: Option<&str>| TxRow {
+            id: 1,
+            key_id: "key_a".into(),
+            kind: "debit".into(),
+            amount: 5,
+            route: None,
+            request_id: None,
+            status: Some("captured".into()),
+            created_at: 0,
+            held: Some(9),
+            model: Some("m".into()),
+            tokens,
+            usage_source: source.map(str::to_owned),
+        };
+        let t = row([Some(1), Some(2), Some(3), Some(4)], Some("estimated")).into_transaction().unwrap();
+        assert_eq!(t.usage, Some(Usage { input: 1, cached_input: 2, cache_write_input: 3, output: 4 }));
+        assert_eq!((t.held, t.usage_source), (Some(Micros(9)), Some(UsageSource::Estimated)));
+        assert!(row([Some(1), None, Some(3), Some(4)], None).into_transaction().is_err());
+        assert!(row([None; 4], Some("guessed")).into_transaction().is_err());
+        assert!(row([Some(-1), Some(2), Some(3), Some(4)], None).into_transaction().is_err());
     }
 
     #[test]

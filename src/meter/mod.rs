@@ -5,6 +5,22 @@
 
 use std::fmt;
 
+mod price;
+mod request;
+mod response;
+mod sse;
+mod tokens;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use price::{find_model, hold, Hold};
+pub use request::{read_request, with_include_usage};
+pub use response::{response_usage, ResponseRead};
+pub use sse::{StreamMeter, MAX_EVENT};
+pub use tokens::count_tokens;
+
 use serde::{Deserialize, Serialize};
 
 use crate::money::Micros;
@@ -129,5 +145,3 @@ pub enum Unreadable {
     #[error("{0}")]
     BadField(String),
 }
-mod stub;
-pub use stub::*;

@@ -40,8 +40,6 @@ use crate::route::RequestCtx;
 use crate::{Body, BoxError};
 
 pub(super) const X_TOLLGATE_HOLD: HeaderName = HeaderName::from_static("x-tollgate-hold");
-const X_TOLLGATE_CHARGED: &str = "x-tollgate-charged";
-const X_TOLLGATE_BALANCE: &str = "x-tollgate-balance";
 
 /// A priced metered request, on its way to the upstream.
 #[derive(Debug)]

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate::ledger::sqlite::{SqliteLedger, SqliteOptions, SCHEMA_VERSION};
-use tollgate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, SecretHash, TxKind};
+use tollgate::ledger::{HoldId, HoldOutcome, HoldRequest, Ledger, LedgerError, Metered, SecretHash, TxKind};
+use tollgate::meter::{Usage, UsageSource};
 use tollgate::money::Micros;
 
 pub(crate) mod suite {
@@ -50,6 +51,20 @@ pub(crate) mod suite {
     async fn row(l: &Arc<dyn Ledger>, hold: HoldId) -> Transaction {
         let all = l.transactions(None, ALL).await.unwrap();
         all.into_iter().find(|t| t.id == hold.0).expect("hold row exists")
+    }
+
+    /// Captures the whole of `hold` (at a fixed price), whatever it held.
+    async fn capture_whole(l: &Arc<dyn Ledger>, hold: HoldId) -> bool {
+        let amount = row(l, hold).await.amount;
+        l.capture(hold, amount, None).await.unwrap()
+    }
+
+    fn metered(source: UsageSource) -> Metered {
+        Metered {
+            model: "gpt-test".into(),
+            usage: Usage { input: 1_200, cached_input: 300, cache_write_input: 7, output: 450 },
+            source,
+        }
     }
 
     fn of_kind(rows: &[Transaction], kind: TxKind) -> Vec<&Transaction> {
@@ -126,10 +141,10 @@ pub(crate) mod suite {
         assert_eq!(debit.route.as_deref(), Some(ROUTE));
         assert_eq!(debit.request_id.as_deref(), Some("req-1"));
 
-        assert!(l.capture(hold).await.unwrap());
+        assert!(l.capture(hold, PRICE, None).await.unwrap());
         assert_eq!(row(&l, hold).await.status.as_deref(), Some("captured"));
         assert_eq!(balance(&l, &k.id).await, Micros(8_000), "capture does not move money");
-        assert!(l.capture(hold).await.unwrap(), "capture twice is once");
+        assert!(l.capture(hold, PRICE, None).await.unwrap(), "capture twice is once");
         // Release after capture: captured is final.
         l.release(hold).await.unwrap();
         assert_eq!(row(&l, hold).await.status.as_deref(), Some("captured"));
@@ -138,8 +153,8 @@ pub(crate) mod suite {
 
         // A hold id that is not a debit is a caller bug, reported as such.
         let credit_row = rows(&l, &k.id).await.into_iter().find(|t| t.kind == TxKind::Credit).unwrap();
-        assert!(matches!(l.capture(HoldId(credit_row.id)).await, Err(LedgerError::Other(_))));
-        assert!(matches!(l.capture(HoldId(i64::MAX)).await, Err(LedgerError::Other(_))));
+        assert!(matches!(l.capture(HoldId(credit_row.id), PRICE, None).await, Err(LedgerError::Other(_))));
+        assert!(matches!(l.capture(HoldId(i64::MAX), PRICE, None).await, Err(LedgerError::Other(_))));
         assert!(matches!(l.release(HoldId(i64::MAX)).await, Err(LedgerError::Other(_))));
         assert_invariant(&l, &k.id).await;
     }
@@ -164,7 +179,7 @@ pub(crate) mod suite {
 
         // Twice is once; capture after release changes nothing.
         l.release(hold).await.unwrap();
-        assert!(!l.capture(hold).await.unwrap(), "a released hold cannot be captured");
+        assert!(!l.capture(hold, Micros(3_000), None).await.unwrap(), "a released hold cannot be captured");
         assert_eq!(balance(&l, &k.id).await, Micros(10_000));
         assert_eq!(row(&l, hold).await.status.as_deref(), Some("released"));
         assert_eq!(rows(&l, &k.id).await.len(), 3, "credit, debit, one refund");
@@ -350,7 +365,7 @@ pub(crate) mod suite {
                 other => panic!("hold {i}: {other:?}"),
             }
         }
-        assert!(l.capture(holds[0]).await.unwrap());
+        assert!(l.capture(holds[0], PRICE, None).await.unwrap());
         let fourth = l.authorize(capped("d")).await.unwrap();
         assert_eq!(fourth, HoldOutcome::SpendCapReached { key_id: k.id.clone(), spent: cap, cap });
         assert_eq!(balance(&l, &k.id).await, Micros(1_000_000 - 3 * PRICE.get()), "nothing held");
@@ -373,6 +388,9 @@ pub(crate) mod suite {
         assert_invariant(&l, &k.id).await;
     }
 
+    /// A hold lives as long as its request: the sweep never releases a hold its own
+    /// ledger has open, however old (a stream may run for many minutes). Holds whose
+    /// process died are released: `case_other_process_dies_holding`.
     pub(crate) async fn case_release_stale_holds(l: Arc<dyn Ledger>) {
         let k = l.create_key(None, Micros(100_000)).await.unwrap();
         let other = l.create_key(None, Micros(100_000)).await.unwrap();
@@ -380,24 +398,215 @@ pub(crate) mod suite {
         let b = hold(&l, &k.key, Micros(2_000), "b").await;
         let c = hold(&l, &k.key, Micros(4_000), "c").await;
         let d = hold(&l, &other.key, Micros(8_000), "d").await;
-        assert!(l.capture(b).await.unwrap());
+        assert!(l.capture(b, Micros(2_000), None).await.unwrap());
         assert_eq!(balance(&l, &k.id).await, Micros(93_000));
 
         assert_eq!(l.release_stale_holds(HOUR).await.unwrap(), 0, "all holds are fresh");
-        assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 3);
-        assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 0);
-
-        assert_eq!(balance(&l, &k.id).await, Micros(98_000));
-        assert_eq!(balance(&l, &other.id).await, Micros(100_000));
-        for (h, status) in [(a, "released"), (b, "captured"), (c, "released"), (d, "released")] {
+        assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 0, "and open in this ledger");
+        for (h, status) in [(a, "pending"), (b, "captured"), (c, "pending"), (d, "pending")] {
             assert_eq!(row(&l, h).await.status.as_deref(), Some(status));
         }
-        let all = rows(&l, &k.id).await;
-        let mut refunds: Vec<u64> = of_kind(&all, TxKind::Refund).iter().map(|t| t.amount.get()).collect();
-        refunds.sort_unstable();
-        assert_eq!(refunds, [1_000, 4_000]);
+        assert_eq!(balance(&l, &k.id).await, Micros(93_000));
+
+        // Each still ends as its request says.
+        assert!(l.capture(a, Micros(600), Some(&metered(UsageSource::Reported))).await.unwrap());
+        l.release(c).await.unwrap();
+        assert!(l.capture(d, Micros(8_000), None).await.unwrap());
+        assert_eq!(balance(&l, &k.id).await, Micros(97_400));
+        assert_eq!(balance(&l, &other.id).await, Micros(92_000));
+        for (h, status) in [(a, "captured"), (b, "captured"), (c, "released"), (d, "captured")] {
+            assert_eq!(row(&l, h).await.status.as_deref(), Some(status));
+        }
+        assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 0);
         assert_invariant(&l, &k.id).await;
         assert_invariant(&l, &other.id).await;
+    }
+
+    /// A metered capture takes less than the hold: one debit row of the captured amount
+    /// that records the hold, the rest back to the balance, no refund row.
+    pub(crate) async fn case_capture_less(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(100_000)).await.unwrap();
+        let h = hold(&l, &k.key, Micros(10_000), "m-1").await;
+        assert_eq!(balance(&l, &k.id).await, Micros(90_000));
+        let m = metered(UsageSource::Reported);
+        assert!(l.capture(h, Micros(3_500), Some(&m)).await.unwrap());
+        assert_eq!(balance(&l, &k.id).await, Micros(96_500));
+
+        let debit = row(&l, h).await;
+        assert_eq!(
+            (debit.kind, debit.amount, debit.held, debit.status.as_deref()),
+            (TxKind::Debit, Micros(3_500), Some(Micros(10_000)), Some("captured"))
+        );
+        assert_eq!(debit.model.as_deref(), Some("gpt-test"));
+        assert_eq!(debit.usage, Some(m.usage));
+        assert_eq!(debit.usage_source, Some(UsageSource::Reported));
+        assert_eq!(debit.request_id.as_deref(), Some("m-1"));
+        assert!(of_kind(&rows(&l, &k.id).await, TxKind::Refund).is_empty(), "no refund row for the rest");
+
+        let json = serde_json::to_value(&debit).unwrap();
+        assert_eq!(json["amount"], serde_json::json!(Micros(3_500).to_string()));
+        assert_eq!(json["held"], serde_json::json!(Micros(10_000).to_string()));
+        assert_eq!(json["model"], "gpt-test");
+        assert_eq!(
+            json["usage"],
+            serde_json::json!({
+                "input_tokens": 1_200, "cached_input_tokens": 300, "cache_write_input_tokens": 7, "output_tokens": 450
+            })
+        );
+        assert_eq!(json["usage_source"], "reported");
+
+        // Twice is once, whatever the second asks (within the hold).
+        assert!(l.capture(h, Micros(3_500), Some(&m)).await.unwrap());
+        assert!(l.capture(h, Micros(1), None).await.unwrap());
+        assert!(l.capture(h, Micros::ZERO, None).await.unwrap());
+        l.release(h).await.unwrap();
+        assert_eq!(row(&l, h).await, debit, "nothing changed");
+        assert_eq!(balance(&l, &k.id).await, Micros(96_500));
+        assert_eq!(rows(&l, &k.id).await.len(), 2);
+        assert_invariant(&l, &k.id).await;
+    }
+
+    /// A capture of exactly the hold: at a fixed price the row reads as it always did;
+    /// metered, it records the hold and the usage.
+    pub(crate) async fn case_capture_exactly(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(10_000)).await.unwrap();
+        let fixed = hold(&l, &k.key, PRICE, "fixed").await;
+        assert!(l.capture(fixed, PRICE, None).await.unwrap());
+        let debit = row(&l, fixed).await;
+        assert_eq!((debit.amount, debit.held, debit.model.as_deref()), (PRICE, None, None));
+        assert_eq!((debit.usage, debit.usage_source), (None, None));
+        let json = serde_json::to_value(&debit).unwrap();
+        let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["amount", "created_at", "id", "key_id", "kind", "request_id", "route", "status"]);
+
+        let m = metered(UsageSource::Estimated);
+        let exact = hold(&l, &k.key, Micros(1_000), "metered").await;
+        assert!(l.capture(exact, Micros(1_000), Some(&m)).await.unwrap());
+        let debit = row(&l, exact).await;
+        assert_eq!((debit.amount, debit.held), (Micros(1_000), Some(Micros(1_000))));
+        assert_eq!((debit.usage, debit.usage_source), (Some(m.usage), Some(UsageSource::Estimated)));
+        assert_eq!(serde_json::to_value(&debit).unwrap()["usage_source"], "estimated");
+        assert_eq!(balance(&l, &k.id).await, Micros(7_000));
+        assert_invariant(&l, &k.id).await;
+    }
+
+    /// A capture of zero is a release: the whole hold back, with its refund row.
+    pub(crate) async fn case_capture_zero(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(10_000)).await.unwrap();
+        let h = hold(&l, &k.key, Micros(5_000), "empty").await;
+        assert!(l.capture(h, Micros::ZERO, Some(&metered(UsageSource::Reported))).await.unwrap());
+        assert_eq!(balance(&l, &k.id).await, Micros(10_000));
+        let debit = row(&l, h).await;
+        assert_eq!((debit.status.as_deref(), debit.amount, debit.held), (Some("released"), Micros(5_000), None));
+        let all = rows(&l, &k.id).await;
+        let refunds = of_kind(&all, TxKind::Refund);
+        assert_eq!(refunds.len(), 1);
+        assert_eq!((refunds[0].amount, refunds[0].request_id.as_deref()), (Micros(5_000), Some("empty")));
+        // Charging nothing again is still possible; charging something no longer is.
+        assert!(l.capture(h, Micros::ZERO, None).await.unwrap());
+        assert!(!l.capture(h, Micros(1), None).await.unwrap());
+        assert_eq!(rows(&l, &k.id).await.len(), 3);
+        assert_eq!(balance(&l, &k.id).await, Micros(10_000));
+        assert!(matches!(l.capture(HoldId(i64::MAX), Micros::ZERO, None).await, Err(LedgerError::Other(_))));
+        assert_invariant(&l, &k.id).await;
+    }
+
+    /// A capture above the hold is refused and changes nothing: the hold stays open.
+    pub(crate) async fn case_capture_above_the_hold(l: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(10_000)).await.unwrap();
+        let h = hold(&l, &k.key, Micros(1_000), "over").await;
+        let m = metered(UsageSource::Reported);
+        assert!(matches!(l.capture(h, Micros(1_001), Some(&m)).await, Err(LedgerError::Other(_))));
+        assert!(matches!(l.capture(h, Micros(u64::MAX), None).await, Err(LedgerError::Overflow)));
+        let pending = row(&l, h).await;
+        assert_eq!((pending.status.as_deref(), pending.amount, pending.held), (Some("pending"), Micros(1_000), None));
+        assert_eq!(balance(&l, &k.id).await, Micros(9_000));
+        assert_eq!(rows(&l, &k.id).await.len(), 2);
+
+        assert!(l.capture(h, Micros(999), Some(&m)).await.unwrap());
+        assert_eq!(balance(&l, &k.id).await, Micros(9_001));
+        // Closed, it still refuses more than it held.
+        assert!(matches!(l.capture(h, Micros(1_001), None).await, Err(LedgerError::Other(_))));
+        assert_eq!(row(&l, h).await.amount, Micros(999));
+        assert_invariant(&l, &k.id).await;
+    }
+
+    /// Concurrent holds on one key take exactly what the balance covers; capturing each
+    /// for less gives the rest back, and the rows add up to the balance.
+    pub(crate) async fn case_concurrent_metered_holds(l: Arc<dyn Ledger>) {
+        const X: u64 = 9_000;
+        let k = l.create_key(None, Micros(3 * X)).await.unwrap();
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let (l, secret) = (l.clone(), k.key.clone());
+                tokio::spawn(async move { l.authorize(req(&secret, Micros(X), &format!("llm-{i}"))).await.unwrap() })
+            })
+            .collect();
+        let mut holds = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                HoldOutcome::Held { hold, .. } => holds.push(hold),
+                HoldOutcome::Insufficient { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(holds.len(), 3);
+        assert_eq!(balance(&l, &k.id).await, Micros::ZERO);
+        let m = metered(UsageSource::Reported);
+        let captures: Vec<_> = holds
+            .iter()
+            .enumerate()
+            .map(|(i, &h)| {
+                let (l, m) = (l.clone(), m.clone());
+                tokio::spawn(async move { l.capture(h, Micros(1_000 * (i as u64 + 1)), Some(&m)).await.unwrap() })
+            })
+            .collect();
+        for c in captures {
+            assert!(c.await.unwrap());
+        }
+        assert_eq!(balance(&l, &k.id).await, Micros(3 * X - 6_000));
+        let all = rows(&l, &k.id).await;
+        let debits = sum(&all, TxKind::Debit);
+        assert_eq!(debits - sum(&all, TxKind::Refund), 6_000, "Σ debit − Σ refund = what the balance lost");
+        assert!(of_kind(&all, TxKind::Debit).iter().all(|t| t.held == Some(Micros(X))));
+        assert_invariant(&l, &k.id).await;
+    }
+
+    /// A key's own account, looked up by its secret, and one request's transactions.
+    pub(crate) async fn case_account_and_request_transactions(l: Arc<dyn Ledger>) {
+        let k = l.create_key(Some("self"), Micros(50_000)).await.unwrap();
+        let k2 = l.create_key(None, Micros(50_000)).await.unwrap();
+        let a = hold(&l, &k.key, Micros(2_000), "r-a").await;
+        assert!(l.capture(a, Micros(1_500), Some(&metered(UsageSource::Reported))).await.unwrap());
+        let b = hold(&l, &k.key, Micros(3_000), "r-b").await;
+        l.release(b).await.unwrap();
+        let c = hold(&l, &k.key, Micros(4_000), "r-c").await;
+        let x = hold(&l, &k2.key, Micros(100), "r-x").await;
+
+        let secret = SecretHash::of(&k.key);
+        let acct = l.account(secret, None).await.unwrap().unwrap();
+        assert_eq!((acct.key.id.as_str(), acct.key.label.as_deref()), (k.id.as_str(), Some("self")));
+        assert_eq!((acct.key.balance, acct.held, acct.spent), (Micros(44_500), Micros(4_000), None));
+        assert_eq!(acct.key, l.key(&k.id).await.unwrap().unwrap());
+        let acct = l.account(secret, Some(HOUR)).await.unwrap().unwrap();
+        assert_eq!(acct.spent, Some(Micros(5_500)), "captured and held, not released");
+        assert!(l.revoke(&k.id).await.unwrap());
+        assert!(l.account(secret, None).await.unwrap().unwrap().key.revoked);
+        assert_eq!(l.account(SecretHash::of("tg_live_nope"), Some(HOUR)).await.unwrap(), None);
+
+        let ra = l.request_transactions(&k.id, "r-a").await.unwrap();
+        assert_eq!(ra, [row(&l, a).await]);
+        assert_eq!((ra[0].amount, ra[0].held), (Micros(1_500), Some(Micros(2_000))));
+        let rb = l.request_transactions(&k.id, "r-b").await.unwrap();
+        assert_eq!(rb.iter().map(|t| t.kind).collect::<Vec<_>>(), [TxKind::Debit, TxKind::Refund]);
+        assert_eq!((rb[0].id, rb[0].status.as_deref(), rb[1].amount), (b.0, Some("released"), Micros(3_000)));
+        let rc = l.request_transactions(&k.id, "r-c").await.unwrap();
+        assert_eq!((rc.len(), rc[0].id, rc[0].status.as_deref()), (1, c.0, Some("pending")));
+        assert_eq!(l.request_transactions(&k2.id, "r-x").await.unwrap()[0].id, x.0);
+        assert_eq!(l.request_transactions(&k.id, "r-x").await.unwrap(), [], "another key's request");
+        assert_eq!(l.request_transactions(&k2.id, "r-a").await.unwrap(), []);
+        assert_eq!(l.request_transactions(&k.id, "nope").await.unwrap(), []);
     }
 
     pub(crate) async fn case_nonces(l: Arc<dyn Ledger>) {
@@ -498,7 +707,7 @@ pub(crate) mod suite {
         let k = l.create_key(None, Micros(3_000)).await.unwrap();
         // The gateway has served the key: whatever it keeps of it is warm.
         let first = hold(&l, &k.key, PRICE, "a").await;
-        assert!(l.capture(first).await.unwrap());
+        assert!(l.capture(first, PRICE, None).await.unwrap());
         let short = l.authorize(req(&k.key, PRICE, "b")).await.unwrap();
         assert_eq!(short, HoldOutcome::Insufficient { key_id: k.id.clone(), balance: Micros(1_000) });
         for i in 0..20 {
@@ -508,7 +717,7 @@ pub(crate) mod suite {
             match l.authorize(req(&k.key, PRICE, &request_id)).await.unwrap() {
                 HoldOutcome::Held { hold, balance, .. } => {
                     assert_eq!(balance, Micros(1_000), "top-up {i}");
-                    assert!(l.capture(hold).await.unwrap());
+                    assert!(l.capture(hold, PRICE, None).await.unwrap());
                 }
                 other => panic!("top-up {i} not seen by the next request: {other:?}"),
             }
@@ -523,7 +732,7 @@ pub(crate) mod suite {
         );
         let capped = HoldRequest { spend_cap: Some((PRICE, HOUR)), ..req(&k.key, Micros(1), "d") };
         assert_eq!(l.authorize(capped).await.unwrap(), HoldOutcome::Revoked { key_id: k.id.clone() });
-        assert!(l.capture(before).await.unwrap());
+        assert!(l.capture(before, Micros(500), None).await.unwrap());
 
         for i in 0..10 {
             let k = other.create_key(None, Micros(10_000)).await.unwrap();
@@ -540,6 +749,25 @@ pub(crate) mod suite {
     /// Rows written by the gateway and by another process, interleaved, list newest
     /// first by time, and paging with any limit reads each exactly once, also while
     /// rows are written and holds close between pages.
+    /// A process that held and died: its hold is released (PostgreSQL: by the sweep,
+    /// once nobody renews it; SQLite: it was never written), and a late capture of it
+    /// charges nothing. The surviving ledger's own hold is untouched.
+    pub(crate) async fn case_other_process_dies_holding(l: Arc<dyn Ledger>, other: Arc<dyn Ledger>) {
+        let k = l.create_key(None, Micros(10_000)).await.unwrap();
+        let theirs = hold(&other, &k.key, Micros(3_000), "dead").await;
+        let mine = hold(&l, &k.key, Micros(2_000), "alive").await;
+        drop(other);
+        let released = l.release_stale_holds(Duration::ZERO).await.unwrap();
+        assert!(released <= 1, "only the dead process's hold, if it was written: {released}");
+        assert_eq!(balance(&l, &k.id).await, Micros(8_000));
+        assert!(!l.capture(theirs, Micros(3_000), None).await.unwrap(), "too late to charge");
+        l.release(theirs).await.unwrap();
+        assert_eq!(balance(&l, &k.id).await, Micros(8_000));
+        assert!(l.capture(mine, Micros(1_500), None).await.unwrap());
+        assert_eq!(balance(&l, &k.id).await, Micros(8_500));
+        assert_invariant(&l, &k.id).await;
+    }
+
     pub(crate) async fn case_other_process_transactions_page(l: Arc<dyn Ledger>, other: Arc<dyn Ledger>) {
         let a = l.create_key(None, Micros(1_000_000)).await.unwrap();
         let b = other.create_key(None, Micros(1_000_000)).await.unwrap();
@@ -549,7 +777,7 @@ pub(crate) mod suite {
             let secret = if i % 2 == 0 { &a.key } else { &b.key };
             let h = hold(&l, secret, Micros(100 + i), &request_id).await;
             match i % 3 {
-                0 => assert!(l.capture(h).await.unwrap()),
+                0 => assert!(capture_whole(&l, h).await),
                 1 => l.release(h).await.unwrap(),
                 _ => open.push(h),
             }
@@ -564,7 +792,7 @@ pub(crate) mod suite {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let late = hold(&l, &a.key, Micros(1), "gw-late").await;
-        assert!(l.capture(late).await.unwrap());
+        assert!(l.capture(late, Micros(1), None).await.unwrap());
         assert_eq!(l.transactions(None, 1).await.unwrap()[0].request_id.as_deref(), Some("gw-late"));
 
         let all = l.transactions(None, ALL).await.unwrap();
@@ -591,7 +819,7 @@ pub(crate) mod suite {
         let credit = other.credit(&a.id, Micros(9), None).await.unwrap();
         let h = hold(&l, &b.key, Micros(9), "gw-between").await;
         for h in open.drain(..) {
-            assert!(l.capture(h).await.unwrap());
+            assert!(capture_whole(&l, h).await);
         }
         let mut seen = first.transactions;
         let (mut before, limit) = (first.next, 4);
@@ -679,6 +907,12 @@ macro_rules! conformance_suite {
                 case_idempotent_credit,
                 case_spend_cap,
                 case_release_stale_holds,
+                case_capture_less,
+                case_capture_exactly,
+                case_capture_zero,
+                case_capture_above_the_hold,
+                case_concurrent_metered_holds,
+                case_account_and_request_transactions,
                 case_nonces,
                 case_transactions_order,
                 case_settlements,
@@ -687,6 +921,7 @@ macro_rules! conformance_suite {
             conformance_suite!(@pair_cases $factory;
                 case_other_process_revocations_and_top_ups,
                 case_other_process_transactions_page,
+                case_other_process_dies_holding,
             );
         }
     };
@@ -735,7 +970,7 @@ async fn sqlite_reopen_keeps_everything() {
         }
     };
     let captured = hold("q1").await;
-    assert!(l.capture(captured).await.unwrap());
+    assert!(l.capture(captured, Micros(2_000), None).await.unwrap());
     let open_hold = hold("q2").await;
     assert!(l.reserve_nonce("0xAB", "0x01", 4_000_000_000).await.unwrap());
     assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(47_000));
@@ -755,6 +990,10 @@ async fn sqlite_reopen_keeps_everything() {
     assert_eq!(user_version(&path), SCHEMA_VERSION, "reopening migrates nothing");
 
     let l = open(&path);
+    // A hold of the process before cannot be captured: nothing is charged.
+    assert!(!l.capture(open_hold, Micros(2_000), None).await.unwrap());
+    l.release(open_hold).await.unwrap();
+    assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(49_000));
     assert!(!l.credit(&k.id, Micros(1_000), Some("topup-1")).await.unwrap().applied, "idempotent across restarts");
     assert!(!l.reserve_nonce("0xab", "0x01", 4_000_000_000).await.unwrap(), "replay across restarts");
     assert_eq!(l.release_stale_holds(Duration::ZERO).await.unwrap(), 0);
@@ -821,7 +1060,7 @@ async fn sqlite_failed_capture_frees_its_hold() {
     conn.execute("UPDATE keys SET balance = 1000 WHERE id = ?1", [&k.id]).unwrap();
     drop(conn);
 
-    assert!(matches!(l.capture(hold).await, Err(LedgerError::Other(_))));
+    assert!(matches!(l.capture(hold, Micros(2_000), None).await, Err(LedgerError::Other(_))));
     assert_eq!(l.key(&k.id).await.unwrap().unwrap().balance, Micros(1_000), "nothing charged, nothing held");
     let again = l.authorize(suite::req(&k.key, Micros(1_000), "b")).await.unwrap();
     assert!(matches!(again, HoldOutcome::Held { balance: Micros::ZERO, .. }), "{again:?}");
@@ -884,8 +1123,8 @@ async fn sqlite_follows_changes_made_by_another_process() {
     };
     assert_eq!(balance, Micros(9_000));
     // Both open holds capture under the ids they were given, after the CLI's row.
-    assert!(gateway.capture(first).await.unwrap());
-    assert!(gateway.capture(second).await.unwrap());
+    assert!(gateway.capture(first, Micros(2_000), None).await.unwrap());
+    assert!(gateway.capture(second, Micros(2_000), None).await.unwrap());
     let rows = gateway.transactions(Some(&k.id), 10).await.unwrap();
     assert_eq!(rows.len(), 4);
     assert!(rows.iter().filter(|t| t.kind == TxKind::Debit).all(|t| t.status.as_deref() == Some("captured")));
@@ -929,7 +1168,7 @@ async fn sqlite_lists_by_time_not_by_id() {
     else {
         panic!()
     };
-    assert!(gateway.capture(hold).await.unwrap());
+    assert!(gateway.capture(hold, Micros(100), None).await.unwrap());
     assert!(hold.0 < cli_row.id, "the premise: the later row has the lower id ({} < {})", hold.0, cli_row.id);
 
     for l in [&gateway, &cli] {
@@ -975,7 +1214,7 @@ fn sqlite_crash_child() {
             let req = suite::req(&k.key, Micros(1_000), &request_id);
             let HoldOutcome::Held { hold, .. } = l.authorize(req).await.unwrap() else { panic!() };
             match i {
-                0..=5 => assert!(l.capture(hold).await.unwrap()),
+                0..=5 => assert!(l.capture(hold, Micros(1_000), None).await.unwrap()),
                 6 | 7 => l.release(hold).await.unwrap(),
                 _ => {} // left open: the crash interrupts these requests
             }
@@ -1046,7 +1285,12 @@ conformance_suite!(postgres, async {
     use tollgate::ledger::postgres::{PostgresLedger, PostgresOptions};
     let cluster = pg::Cluster::spawn().await;
     let url = cluster.create_db().await;
-    let opts = PostgresOptions { pool_size: 8, statement_timeout: Duration::from_secs(10) };
+    // Leases renewed often, so a case never waits long for one.
+    let opts = PostgresOptions {
+        pool_size: 8,
+        statement_timeout: Duration::from_secs(10),
+        hold_heartbeat: Duration::from_millis(200),
+    };
     let ledger: Arc<dyn Ledger> = Arc::new(PostgresLedger::connect(&url, opts).await.unwrap());
     let other: Arc<dyn Ledger> = Arc::new(PostgresLedger::connect(&url, opts).await.unwrap());
     (ledger, other, cluster)

@@ -251,15 +251,19 @@ async fn ledger_unavailable_fails_closed_with_503() {
 
 #[tokio::test]
 async fn settlement_failed_when_the_hold_was_released_before_capture() {
-    // The upstream answers only after the hold was swept away as abandoned (what another
-    // replica does to old holds): the capture fails, the response is withheld.
+    // The upstream answers only after the hold was released behind the gateway's back
+    // (as another replica's sweep does to a hold whose lease ran out; a sweep never
+    // releases a hold its own ledger has open): the capture fails, the response is
+    // withheld.
     let ledger_slot: Arc<std::sync::Mutex<Option<Arc<dyn tollgate::ledger::Ledger>>>> = Default::default();
     let slot = ledger_slot.clone();
     let up = upstream(move |_req| {
         let slot = slot.clone();
         async move {
             let l = slot.lock().unwrap().clone().unwrap();
-            l.release_stale_holds(Duration::ZERO).await.unwrap();
+            let pending =
+                l.transactions(None, 10).await.unwrap().into_iter().find(|t| t.status.as_deref() == Some("pending"));
+            l.release(tollgate::ledger::HoldId(pending.unwrap().id)).await.unwrap();
             Response::new(tollgate::full("secret paid content"))
         }
     })

@@ -30,7 +30,7 @@ const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
 const USDC_SEPOLIA: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
 
 fn opts() -> PostgresOptions {
-    PostgresOptions { pool_size: 8, statement_timeout: Duration::from_secs(10) }
+    PostgresOptions { pool_size: 8, statement_timeout: Duration::from_secs(10), ..Default::default() }
 }
 
 async fn ledger(url: &str) -> Arc<PostgresLedger> {
@@ -343,6 +343,73 @@ async fn concurrent_sweeps_never_double_refund() {
     }
 }
 
+/// Sets back by an hour the time a hold was taken and its lease last renewed, as if
+/// that long had passed.
+async fn age(c: &tokio_postgres::Client, hold: tollgate::ledger::HoldId) {
+    let sql = "UPDATE transactions SET created_at = created_at - 3600, touched_at = touched_at - 3600 WHERE id = $1";
+    assert_eq!(c.execute(sql, &[&hold.0]).await.unwrap(), 1);
+}
+
+/// The lease (`touched_at`) of a hold.
+async fn touched_at(c: &tokio_postgres::Client, hold: tollgate::ledger::HoldId) -> Option<i64> {
+    c.query_one("SELECT touched_at FROM transactions WHERE id = $1", &[&hold.0]).await.unwrap().get(0)
+}
+
+/// A hold lives as long as its replica: its lease is renewed, so another replica's
+/// sweep leaves it however old it is (a long stream). Once its replica is gone, the
+/// lease runs out, the sweep releases it, and a late capture charges nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_lives_as_long_as_its_replica() {
+    let cluster = Cluster::spawn().await;
+    let url = cluster.create_db().await;
+    let quick = PostgresOptions { hold_heartbeat: Duration::from_millis(100), ..opts() };
+    let a = Arc::new(PostgresLedger::connect(&url, quick).await.unwrap());
+    let b = ledger(&url).await;
+    let c = sql_client(&url).await;
+    let k = a.create_key(None, Micros(10 * PRICE)).await.unwrap();
+    let held = |request_id: &'static str| {
+        let (a, secret) = (a.clone(), k.key.clone());
+        async move {
+            match hold(&a, &secret, request_id, None).await {
+                HoldOutcome::Held { hold, .. } => hold,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let streaming = held("stream").await;
+    let orphan = held("orphan").await;
+    age(&c, streaming).await;
+    age(&c, orphan).await;
+    // The next beats renew both leases.
+    let stamped = touched_at(&c, streaming).await;
+    let mut waited = Duration::ZERO;
+    while touched_at(&c, streaming).await == stamped || touched_at(&c, orphan).await.is_none() {
+        assert!(waited < Duration::from_secs(10), "the leases were never renewed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    assert_eq!(b.release_stale_holds(Duration::from_secs(60)).await.unwrap(), 0, "an hour old, but alive");
+    let metered = tollgate::ledger::Metered {
+        model: "m".into(),
+        usage: tollgate::meter::Usage { input: 10, cached_input: 0, cache_write_input: 0, output: 5 },
+        source: tollgate::meter::UsageSource::Reported,
+    };
+    assert!(a.capture(streaming, Micros(PRICE / 2), Some(&metered)).await.unwrap());
+
+    // The replica holding `orphan` dies; its last beat is an hour old by the sweep.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    age(&c, orphan).await;
+    let after = touched_at(&c, orphan).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(touched_at(&c, orphan).await, after, "no beat after the ledger was dropped");
+    assert_eq!(b.release_stale_holds(Duration::from_secs(60)).await.unwrap(), 1);
+    assert!(!b.capture(orphan, Micros(PRICE), None).await.unwrap(), "too late to charge");
+    assert_eq!(b.key(&k.id).await.unwrap().unwrap().balance, Micros(10 * PRICE - PRICE / 2));
+    let rows = b.transactions(Some(&k.id), 10).await.unwrap();
+    assert_eq!(rows.iter().filter(|t| t.kind == TxKind::Refund).count(), 1);
+}
+
 /// Holds issued at once are taken in one batch (several holds on one key, an unknown
 /// key, a revoked key among them); each caller still gets its own exact answer. On a
 /// current-thread runtime every task queues its hold before the batcher runs, so they
@@ -409,14 +476,14 @@ async fn concurrent_captures_are_batched_and_answered_one_by_one() {
         .chain([bogus].iter())
         .map(|&hold| {
             let l = l.clone();
-            tokio::spawn(async move { (hold, l.capture(hold).await) })
+            tokio::spawn(async move { (hold, l.capture(hold, Micros(PRICE), None).await) })
         })
         .collect();
     // The same hold captured twice at once is captured once.
     let twice = holds[1];
     tasks.push(tokio::spawn({
         let l = l.clone();
-        async move { (twice, l.capture(twice).await) }
+        async move { (twice, l.capture(twice, Micros(PRICE), None).await) }
     }));
     for task in tasks {
         let (hold, answer) = task.await.unwrap();
@@ -451,7 +518,7 @@ async fn captures_use_the_primary_key_not_the_pending_index() {
                     else {
                         panic!("hold refused")
                     };
-                    assert!(l.capture(h).await.unwrap());
+                    assert!(l.capture(h, Micros(PRICE), None).await.unwrap());
                 }
             })
         })
@@ -516,7 +583,7 @@ async fn captures_stay_on_the_primary_key_as_the_ledger_grows() {
                 .into_iter()
                 .map(|h| {
                     let l = l.clone();
-                    tokio::spawn(async move { l.capture(h).await })
+                    tokio::spawn(async move { l.capture(h, Micros(PRICE), None).await })
                 })
                 .collect();
             for c in captures {
@@ -788,9 +855,11 @@ async fn both_schema_files_describe_the_same_tables_and_columns() {
     sql_client(&url).await.batch_execute(tollgate::ledger::postgres::SCHEMA).await.unwrap();
     let mut postgres = postgres_columns(&url).await;
     assert_eq!(sqlite.len(), 5, "{sqlite:?}");
-    // The one deliberate difference: PostgreSQL numbers keys for listings in creation
-    // order; SQLite has its rowid for that.
+    // The deliberate differences: PostgreSQL numbers keys for listings in creation
+    // order (SQLite has its rowid for that), and renews leases on pending holds
+    // (SQLite keeps open holds in memory).
     assert!(postgres.get_mut("keys").unwrap().remove("seq"), "{postgres:?}");
+    assert!(postgres.get_mut("transactions").unwrap().remove("touched_at"), "{postgres:?}");
     assert_eq!(postgres, sqlite);
 }
 
@@ -894,7 +963,24 @@ async fn a_database_from_the_first_migration_upgrades_to_the_schema() {
     assert_eq!(versions(&old).await, all);
     let want = catalog(&fresh).await;
     assert!(want.iter().any(|d| d.contains("transactions_key_created_id")), "{want:#?}");
+    assert!(want.iter().any(|d| d.contains("transactions_key_request")), "{want:#?}");
+    assert!(want.iter().any(|d| d.starts_with("transactions.touched_at bigint")), "{want:#?}");
     assert_eq!(catalog(&old).await, want);
+
+    // As the versions before metered captures left a database: migration 3 only.
+    let second = cluster.create_db().await;
+    let c = sql_client(&second).await;
+    c.batch_execute(FIRST_MIGRATION_1).await.unwrap();
+    c.batch_execute(tollgate::ledger::postgres::MIGRATIONS[1]).await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         INSERT INTO schema_migrations (version) VALUES (1), (2);",
+    )
+    .await
+    .unwrap();
+    drop(ledger(&second).await);
+    assert_eq!(versions(&second).await, all);
+    assert_eq!(catalog(&second).await, want);
 
     // schema.sql is the schema: the migrations after it change nothing.
     let plain = cluster.create_db().await;

@@ -4,7 +4,8 @@
 //! several processes on several machines write at once.
 //!
 //! The folder: this file has the ledger and its [`Ledger`] impl; `batch.rs` the
-//! batching rounds of holds and captures; `pool.rs` connections, timeouts and what
+//! batching rounds of holds and captures; `lease.rs` the leases that keep open holds
+//! from being swept while their replica lives; `pool.rs` connections, timeouts and what
 //! errors mean; `sql.rs` the statements shared by several operations; `schema.sql` and
 //! `schema.rs` the schema and its migrations.
 //!
@@ -51,9 +52,22 @@
 //!   few executions, and one made while the table was still tiny is a sequential scan
 //!   that stays in the connection until something invalidates it — on a new ledger
 //!   every capture would then read the whole table.
-//! - **stale holds**: pending holds are locked `FOR UPDATE SKIP LOCKED`, so replicas
-//!   sweeping at once split the work and never refund a hold twice; the keys to refund
-//!   are then locked in id order, so two sweeps cannot deadlock.
+//! - **metered capture** (less than the hold, or with usage): one statement, like a
+//!   release: the debit's amount becomes the captured amount, `held` keeps the hold
+//!   (`SET held = amount` reads the old amount), and the rest goes back to the balance
+//!   (`UPDATE keys … + (held − amount)`), only if the hold was still pending and covers
+//!   the amount. The pending row already took the whole hold from the balance, so the
+//!   invariant holds at every commit; no refund row is written for the rest. A
+//!   fixed-price capture of the whole hold (the amount this ledger knows it held) is
+//!   batched as before and moves no money; anything else runs on its own, so the batch
+//!   never locks several key rows in an order of its own (a hold batch locks them in id
+//!   order: mixing the two could deadlock).
+//! - **stale holds**: a hold lives as long as its request: each replica renews a lease
+//!   on the holds it has open (`touched_at`, see `lease.rs`), and the sweep takes only
+//!   pending holds whose lease (or, never renewed, creation) is older than its age and
+//!   that this ledger does not have open. They are locked `FOR UPDATE SKIP LOCKED`, so
+//!   replicas sweeping at once split the work and never refund a hold twice; the keys
+//!   to refund are then locked in id order, so two sweeps cannot deadlock.
 //! - **credits**: with an idempotency key, a transaction-scoped advisory lock on the
 //!   key's hash serialises every credit that names it (on every replica), so the
 //!   look-up (a repeat, or a conflict: another amount or another key) and the insert
@@ -81,10 +95,12 @@
 //! plain.
 
 mod batch;
+mod lease;
 mod pool;
 mod schema;
 mod sql;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -95,16 +111,17 @@ use tokio_postgres::Config as PgConfig;
 
 use self::batch::{capture_loop, hold_loop, Batchers, HoldJob};
 pub use self::batch::{CAPTURE_MANY, MAX_BATCH};
+use self::lease::{heartbeat, Leases};
 use self::pool::{describe, Connector};
 pub use self::schema::{MIGRATIONS, MIGRATION_LOCK, SCHEMA, SCHEMA_VERSION};
-use self::sql::{held, key_info, refusal, transaction, HOLD, KEY_BY_SECRET, RELEASE};
+use self::sql::{held, key_info, refusal, transaction, CAPTURE, HOLD, HOLD_STATE, KEY_BY_SECRET, RELEASE};
 use super::rows::{
-    credit_amount, from_db, hold_amount, int_to_db, no_hold, nonce_key, repeated_top_up, saturating, seconds, to_db,
-    KEY_COLUMNS, TX_COLUMNS,
+    capture_above_hold, credit_amount, from_db, hold_amount, int_to_db, no_hold, nonce_key, repeated_top_up,
+    saturating, seconds, to_db, MeteredRow, KEY_COLUMNS, TX_COLUMNS,
 };
 use super::{
-    generate_key, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey, Result,
-    SecretHash, Settlement, TxPage, TxQuery,
+    generate_key, Account, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, Metered,
+    NewKey, Result, SecretHash, Settlement, Transaction, TxPage, TxQuery,
 };
 use crate::money::Micros;
 
@@ -115,6 +132,9 @@ pub const CLIENT_MARGIN: Duration = Duration::from_secs(1);
 /// share numbers with other users of `hashtextextended(…, 0)`.
 const IDEMPOTENCY_LOCK_SEED: i64 = 0x746f_6c6c_6964_656d;
 
+/// How often a ledger renews the leases of its open holds, by default.
+pub const HOLD_HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// Pool and timeout settings (`[ledger]` `pool_size`, `statement_timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PostgresOptions {
@@ -123,11 +143,14 @@ pub struct PostgresOptions {
     /// Server-side limit of one statement; the client allows [`CLIENT_MARGIN`] more for
     /// a whole operation.
     pub statement_timeout: Duration,
+    /// How often the leases of the open holds are renewed (see `lease.rs`). It must
+    /// stay far below the stale-hold sweep's age; [`HOLD_HEARTBEAT`] by default.
+    pub hold_heartbeat: Duration,
 }
 
 impl Default for PostgresOptions {
     fn default() -> Self {
-        PostgresOptions { pool_size: 16, statement_timeout: Duration::from_secs(2) }
+        PostgresOptions { pool_size: 16, statement_timeout: Duration::from_secs(2), hold_heartbeat: HOLD_HEARTBEAT }
     }
 }
 
@@ -140,6 +163,9 @@ pub struct PostgresLedger {
     target: String,
     /// The batchers' queues (`None` in the batchers' own handles).
     batchers: Option<Batchers>,
+    /// The holds this ledger has open (empty in the background tasks' handles: the
+    /// heartbeat holds a weak reference to the ledger's, so it ends with the ledger).
+    leases: Arc<Leases>,
 }
 
 impl std::fmt::Debug for PostgresLedger {
@@ -184,12 +210,15 @@ impl PostgresLedger {
             .recycle_timeout(Some(op_timeout))
             .build()
             .map_err(|e| LedgerError::Other(format!("cannot build the PostgreSQL pool: {e}")))?;
-        let mut ledger = PostgresLedger { pool, op_timeout, target, batchers: None };
+        let mut ledger = PostgresLedger { pool, op_timeout, target, batchers: None, leases: Arc::default() };
         ledger.migrate().await?;
         let (holds, holds_rx) = mpsc::channel(4 * MAX_BATCH);
         let (captures, captures_rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(hold_loop(ledger.handle(), holds_rx));
         tokio::spawn(capture_loop(ledger.handle(), captures_rx));
+        // tokio refuses (panics on) a zero interval.
+        let every = opts.hold_heartbeat.max(Duration::from_millis(10));
+        tokio::spawn(heartbeat(ledger.handle(), Arc::downgrade(&ledger.leases), every));
         ledger.batchers = Some(Batchers { holds, captures });
         Ok(ledger)
     }
@@ -202,7 +231,79 @@ impl PostgresLedger {
             op_timeout: self.op_timeout,
             target: self.target.clone(),
             batchers: None,
+            leases: Arc::default(),
         }
+    }
+
+    /// [`Ledger::release`] without ending the lease.
+    async fn release_unleased(&self, hold: HoldId) -> Result<()> {
+        self.run(async |c| {
+            let released: i64 = c.query_typed_one(RELEASE, &[(&hold.0, Type::INT8)]).await?.try_get(0)?;
+            if released == 0 {
+                // Already released or captured: nothing to do (idempotent).
+                let sql = "SELECT 1 FROM transactions WHERE id = $1 AND kind = 'debit'";
+                if c.query_typed_opt(sql, &[(&hold.0, Type::INT8)]).await?.is_none() {
+                    return Err(no_hold(hold));
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Starts the lease of a hold just taken.
+    fn leased(&self, outcome: Result<HoldOutcome>, amount: i64) -> Result<HoldOutcome> {
+        if let Ok(HoldOutcome::Held { hold, .. }) = &outcome {
+            self.leases.insert(hold.0, amount);
+        }
+        outcome
+    }
+
+    /// A capture of zero: the hold is released (refund row and all); true unless there
+    /// is no such hold, since charging nothing is always possible.
+    async fn capture_nothing(&self, hold: HoldId) -> Result<bool> {
+        self.release_unleased(hold).await.map(|()| true)
+    }
+
+    /// A capture that is not a batched fixed-price one: [`CAPTURE`], then, if it did not
+    /// capture, why.
+    async fn capture_one(&self, hold: HoldId, amount: i64, m: &MeteredRow) -> Result<bool> {
+        let [input, cached_input, cache_write_input, output] = &m.tokens;
+        self.run(async |c| {
+            let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 8] = [
+                (&hold.0, Type::INT8),
+                (&amount, Type::INT8),
+                (&m.model, Type::TEXT),
+                (input, Type::INT8),
+                (cached_input, Type::INT8),
+                (cache_write_input, Type::INT8),
+                (output, Type::INT8),
+                (&m.usage_source, Type::TEXT),
+            ];
+            let captured: i64 = c.query_typed_one(CAPTURE, &params).await?.try_get(0)?;
+            if captured == 1 {
+                return Ok(true);
+            }
+            let Some(row) = c.query_typed_opt(HOLD_STATE, &[(&hold.0, Type::INT8)]).await? else {
+                return Err(no_hold(hold));
+            };
+            let (kind, status, held): (&str, Option<&str>, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            if kind != "debit" {
+                return Err(no_hold(hold));
+            }
+            if amount > held {
+                return Err(capture_above_hold(hold, Micros(amount.unsigned_abs()), held));
+            }
+            match status {
+                Some("captured") => Ok(true),
+                Some("released") => Ok(false),
+                // Pending and covering the amount, yet not captured: it changed between
+                // the two statements. The caller withholds the response; the hold is
+                // released by the sweep if nothing else closes it.
+                _ => Err(LedgerError::Unavailable(format!("hold {} changed while it was captured; retry", hold.0))),
+            }
+        })
+        .await
     }
 }
 
@@ -317,86 +418,99 @@ impl Ledger for PostgresLedger {
         let Some((cap, window)) = spend_cap else {
             let (reply, answer) = oneshot::channel();
             let job = HoldJob { secret, amount, route: route.to_owned(), request_id: request_id.to_owned(), reply };
-            return self.batched(|b| &b.holds, job, answer).await;
+            return self.leased(self.batched(|b| &b.holds, job, answer).await, amount);
         };
         let window = seconds(window);
-        self.run(async |c| {
-            let tx = c.transaction().await?;
-            // The key row lock serialises every hold on this key, on every replica,
-            // until this transaction ends: the sum below cannot go stale.
-            let stmt = tx.prepare_cached(&format!("{KEY_BY_SECRET} FOR UPDATE")).await?;
-            let Some(key) = tx.query_opt(&stmt, &[&secret_bytes]).await? else {
-                return Ok(HoldOutcome::UnknownKey);
-            };
-            let key_id: String = key.try_get(0)?;
-            if key.try_get::<_, bool>(1)? {
-                return Ok(HoldOutcome::Revoked { key_id });
-            }
-            let balance = from_db(key.try_get(2)?)?;
-            let stmt = tx
-                .prepare_cached(
-                    "SELECT coalesce(sum(amount), 0)::bigint FROM transactions
+        let outcome = self
+            .run(async |c| {
+                let tx = c.transaction().await?;
+                // The key row lock serialises every hold on this key, on every replica,
+                // until this transaction ends: the sum below cannot go stale.
+                let stmt = tx.prepare_cached(&format!("{KEY_BY_SECRET} FOR UPDATE")).await?;
+                let Some(key) = tx.query_opt(&stmt, &[&secret_bytes]).await? else {
+                    return Ok(HoldOutcome::UnknownKey);
+                };
+                let key_id: String = key.try_get(0)?;
+                if key.try_get::<_, bool>(1)? {
+                    return Ok(HoldOutcome::Revoked { key_id });
+                }
+                let balance = from_db(key.try_get(2)?)?;
+                let stmt = tx
+                    .prepare_cached(
+                        "SELECT coalesce(sum(amount), 0)::bigint FROM transactions
                      WHERE key_id = $1 AND created_at >= floor(extract(epoch FROM now()))::bigint - $2
                        AND kind = 'debit' AND status IN ('pending', 'captured')",
-                )
-                .await?;
-            let spent = from_db(tx.query_one(&stmt, &[&key_id, &window]).await?.try_get(0)?)?;
-            if spent.checked_add(requested).is_none_or(|total| total > cap) {
-                return Ok(HoldOutcome::SpendCapReached { key_id, spent, cap });
-            }
-            if balance < requested {
-                return Ok(HoldOutcome::Insufficient { key_id, balance });
-            }
-            let stmt = tx.prepare_cached(HOLD).await?;
-            let outcome = match tx.query_opt(&stmt, &[&amount, &secret_bytes, &route, &request_id]).await? {
-                Some(row) => held(&row)?,
-                // Unreachable while the row lock is held; kept for the invariant.
-                None => refusal(tx.query_opt(KEY_BY_SECRET, &[&secret_bytes]).await?)?,
-            };
-            tx.commit().await?;
-            Ok(outcome)
-        })
-        .await
+                    )
+                    .await?;
+                let spent = from_db(tx.query_one(&stmt, &[&key_id, &window]).await?.try_get(0)?)?;
+                if spent.checked_add(requested).is_none_or(|total| total > cap) {
+                    return Ok(HoldOutcome::SpendCapReached { key_id, spent, cap });
+                }
+                if balance < requested {
+                    return Ok(HoldOutcome::Insufficient { key_id, balance });
+                }
+                let stmt = tx.prepare_cached(HOLD).await?;
+                let outcome = match tx.query_opt(&stmt, &[&amount, &secret_bytes, &route, &request_id]).await? {
+                    Some(row) => held(&row)?,
+                    // Unreachable while the row lock is held; kept for the invariant.
+                    None => refusal(tx.query_opt(KEY_BY_SECRET, &[&secret_bytes]).await?)?,
+                };
+                tx.commit().await?;
+                Ok(outcome)
+            })
+            .await;
+        self.leased(outcome, amount)
     }
 
-    /// Captures are batched (see `capture_loop`): while one batch's statement runs,
-    /// the next batch gathers, so under load many captures share one commit.
-    async fn capture(&self, hold: HoldId) -> Result<bool> {
-        let (reply, answer) = oneshot::channel();
-        self.batched(|b| &b.captures, (hold, reply), answer).await
+    /// Fixed-price captures of the whole hold are batched (see `capture_loop`): while
+    /// one batch's statement runs, the next batch gathers, so under load many captures
+    /// share one commit. The others run alone ([`CAPTURE`]; see the module docs).
+    async fn capture(&self, hold: HoldId, amount: Micros, metered: Option<&Metered>) -> Result<bool> {
+        let amount = to_db(amount)?;
+        let metered_row = MeteredRow::of(metered)?;
+        let leased = self.leases.amount(hold.0);
+        if let Some(held) = leased.filter(|held| amount > *held) {
+            // Nothing changes: the hold stays open, and leased.
+            return Err(capture_above_hold(hold, Micros(amount.unsigned_abs()), held));
+        }
+        let captured = if amount == 0 {
+            self.capture_nothing(hold).await
+        } else if metered.is_none() && leased == Some(amount) {
+            let (reply, answer) = oneshot::channel();
+            self.batched(|b| &b.captures, (hold, reply), answer).await
+        } else {
+            self.capture_one(hold, amount, &metered_row).await
+        };
+        // Whatever the answer: a hold that failed to capture must become sweepable.
+        self.leases.remove(hold.0);
+        captured
     }
 
     async fn release(&self, hold: HoldId) -> Result<()> {
-        self.run(async |c| {
-            let released: i64 = c.query_typed_one(RELEASE, &[(&hold.0, Type::INT8)]).await?.try_get(0)?;
-            if released == 0 {
-                // Already released or captured: nothing to do (idempotent).
-                let sql = "SELECT 1 FROM transactions WHERE id = $1 AND kind = 'debit'";
-                if c.query_typed_opt(sql, &[(&hold.0, Type::INT8)]).await?.is_none() {
-                    return Err(no_hold(hold));
-                }
-            }
-            Ok(())
-        })
-        .await
+        let released = self.release_unleased(hold).await;
+        self.leases.remove(hold.0);
+        released
     }
 
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64> {
         let age = seconds(older_than);
+        let mine = self.leases.ids();
         self.run(async |c| {
             let tx = c.transaction().await?;
-            // Zero means every pending hold, even one stamped in the future by a clock
-            // that has since stepped back. Holds another replica is sweeping (or
-            // capturing) right now are locked: skip them rather than wait.
+            // Zero means every pending hold not open here, even one stamped in the
+            // future by a clock that has since stepped back. A hold's age counts from
+            // its last lease renewal. Holds another replica is sweeping (or capturing)
+            // right now are locked: skip them rather than wait.
             let stmt = tx
                 .prepare_cached(
                     "SELECT id, key_id FROM transactions
-                     WHERE kind = 'debit' AND status = 'pending'
-                       AND ($1::bigint = 0 OR created_at <= floor(extract(epoch FROM now()))::bigint - $1::bigint)
+                     WHERE kind = 'debit' AND status = 'pending' AND NOT (id = ANY($2::bigint[]))
+                       AND ($1::bigint = 0
+                            OR coalesce(touched_at, created_at) <= floor(extract(epoch FROM now()))::bigint - $1::bigint)
                      FOR UPDATE SKIP LOCKED",
                 )
                 .await?;
-            let rows = tx.query(&stmt, &[&age]).await?;
+            let rows = tx.query(&stmt, &[&age, &mine]).await?;
             if rows.is_empty() {
                 return Ok(0);
             }
@@ -422,6 +536,48 @@ impl Ledger for PostgresLedger {
             let released: i64 = tx.query_typed_one(sql, &[(&holds, Type::INT8_ARRAY)]).await?.try_get(0)?;
             tx.commit().await?;
             Ok(u64::try_from(released).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn account(&self, secret: SecretHash, spend_window: Option<Duration>) -> Result<Option<Account>> {
+        let window = spend_window.map(seconds);
+        let secret_bytes = &secret.0[..];
+        self.run(async |c| {
+            let stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {KEY_COLUMNS},
+                         (SELECT coalesce(sum(amount), 0)::bigint FROM transactions
+                          WHERE key_id = keys.id AND kind = 'debit' AND status = 'pending'),
+                         CASE WHEN $2::bigint IS NOT NULL THEN
+                             (SELECT coalesce(sum(amount), 0)::bigint FROM transactions
+                              WHERE key_id = keys.id
+                                AND created_at >= floor(extract(epoch FROM now()))::bigint - $2::bigint
+                                AND kind = 'debit' AND status IN ('pending', 'captured'))
+                         END
+                     FROM keys WHERE secret_hash = $1"
+                ))
+                .await?;
+            let Some(row) = c.query_opt(&stmt, &[&secret_bytes, &window]).await? else {
+                return Ok(None);
+            };
+            let key = key_info(&row)?;
+            let held = from_db(row.try_get(5)?)?;
+            let spent = row.try_get::<_, Option<i64>>(6)?.map(from_db).transpose()?;
+            Ok(Some(Account { key, held, spent }))
+        })
+        .await
+    }
+
+    async fn request_transactions(&self, key_id: &str, request_id: &str) -> Result<Vec<Transaction>> {
+        self.run(async |c| {
+            let stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {TX_COLUMNS} FROM transactions WHERE key_id = $1 AND request_id = $2
+                     ORDER BY created_at, id"
+                ))
+                .await?;
+            c.query(&stmt, &[&key_id, &request_id]).await?.iter().map(transaction).collect()
         })
         .await
     }

@@ -39,6 +39,23 @@ pub const MIGRATIONS: &[&str] = &[
      DROP INDEX IF EXISTS transactions_key_created;
      CREATE INDEX IF NOT EXISTS transactions_idempotency_key
          ON transactions (idempotency_key) WHERE idempotency_key IS NOT NULL;",
+    // 3: metered captures (the hold of a partial capture, the model and usage it was
+    // priced from); the lease of a pending hold (`touched_at`); one request's
+    // transactions looked up by key. Adding nullable columns without a default
+    // rewrites nothing. The index is built in the migration's transaction (plain, not
+    // CONCURRENTLY), which blocks writes to the table while it builds: a short pause
+    // at the upgrade, on a table of one row per payment.
+    "ALTER TABLE transactions
+         ADD COLUMN IF NOT EXISTS held BIGINT CHECK (held IS NULL OR held >= amount),
+         ADD COLUMN IF NOT EXISTS model TEXT,
+         ADD COLUMN IF NOT EXISTS input_tokens BIGINT CHECK (input_tokens >= 0),
+         ADD COLUMN IF NOT EXISTS cached_input_tokens BIGINT CHECK (cached_input_tokens >= 0),
+         ADD COLUMN IF NOT EXISTS cache_write_input_tokens BIGINT CHECK (cache_write_input_tokens >= 0),
+         ADD COLUMN IF NOT EXISTS output_tokens BIGINT CHECK (output_tokens >= 0),
+         ADD COLUMN IF NOT EXISTS usage_source TEXT CHECK (usage_source IN ('reported', 'estimated')),
+         ADD COLUMN IF NOT EXISTS touched_at BIGINT;
+     CREATE INDEX IF NOT EXISTS transactions_key_request
+         ON transactions (key_id, request_id) WHERE request_id IS NOT NULL;",
 ];
 
 // === impl PostgresLedger ===

@@ -1,7 +1,7 @@
 -- The PostgreSQL ledger's schema as the migrations leave it (schema.rs applies it to
 -- a new database as migration 1). Amounts are BIGINT micro-units. sqlite/schema.sql
--- describes the same tables and columns, but for `keys.seq` (tests/it/postgres.rs
--- checks it).
+-- describes the same tables and columns, but for `keys.seq` and
+-- `transactions.touched_at` (tests/it/postgres.rs checks it).
 
 CREATE TABLE keys (
     -- Creation order, for listings (ids are random). SQLite has its rowid for this.
@@ -27,7 +27,20 @@ CREATE TABLE transactions (
             AND status IN ('pending', 'captured', 'released'))
         OR (kind <> 'debit' AND status IS NULL)),
     idempotency_key TEXT CHECK (idempotency_key IS NULL OR kind = 'credit'),
-    created_at      BIGINT NOT NULL DEFAULT floor(extract(epoch FROM now()))::bigint
+    created_at      BIGINT NOT NULL DEFAULT floor(extract(epoch FROM now()))::bigint,
+    -- A captured debit's hold, when the capture took less (the rest went back to the
+    -- balance with it, no refund row) or was metered; NULL otherwise.
+    held                     BIGINT CHECK (held IS NULL OR held >= amount),
+    -- What a metered capture was priced from: all NULL for a fixed price.
+    model                    TEXT,
+    input_tokens             BIGINT CHECK (input_tokens >= 0),
+    cached_input_tokens      BIGINT CHECK (cached_input_tokens >= 0),
+    cache_write_input_tokens BIGINT CHECK (cache_write_input_tokens >= 0),
+    output_tokens            BIGINT CHECK (output_tokens >= 0),
+    usage_source             TEXT CHECK (usage_source IN ('reported', 'estimated')),
+    -- A pending hold's lease: when the replica holding it last said it is still open
+    -- (unix seconds; NULL: not since it was taken). SQLite keeps open holds in memory.
+    touched_at               BIGINT
 );
 
 -- Listings are ordered by time (`created_at`, then id), with a key or without.
@@ -42,6 +55,9 @@ CREATE INDEX transactions_idempotency_key
 -- The stale-hold sweep's. Captures and releases must not use it (see mod.rs).
 CREATE INDEX transactions_pending
     ON transactions (created_at) WHERE kind = 'debit' AND status = 'pending';
+-- One request's transactions (a customer looking up a charge).
+CREATE INDEX transactions_key_request
+    ON transactions (key_id, request_id) WHERE request_id IS NOT NULL;
 
 -- Payer and nonce are stored lower-cased: hex is case-insensitive.
 CREATE TABLE x402_nonces (

@@ -35,6 +35,31 @@ pub(super) const RELEASE: &str = "
     )
     SELECT count(*) FROM released";
 
+/// Captures one pending hold for `$2` (positive, at most the hold), with the metered
+/// columns `$3` model, `$4`–`$7` token counts, `$8` usage source: amount, `held`,
+/// status and the rest of the hold back to the balance, in one statement. On the
+/// right of `SET`, `amount` is the old value: the hold. `held` is written as
+/// `rows::held_column` says: the hold when the capture took less or was metered.
+/// Still pending is tested as for [`RELEASE`] (see the module docs).
+pub(super) const CAPTURE: &str = "
+    WITH captured AS (
+        UPDATE transactions
+        SET status = 'captured', amount = $2,
+            held = CASE WHEN $2 <> amount OR $3::text IS NOT NULL THEN amount END,
+            model = $3, input_tokens = $4, cached_input_tokens = $5, cache_write_input_tokens = $6,
+            output_tokens = $7, usage_source = $8
+        WHERE id = $1 AND kind = 'debit' AND status NOT IN ('captured', 'released') AND amount >= $2
+        RETURNING key_id, coalesce(held, amount) - amount AS rest
+    ), restored AS (
+        UPDATE keys SET balance = keys.balance + captured.rest
+        FROM captured WHERE keys.id = captured.key_id AND captured.rest > 0
+    )
+    SELECT count(*) FROM captured";
+
+/// What a hold that [`CAPTURE`] did not capture is: `kind`, `status`, and the amount
+/// it held.
+pub(super) const HOLD_STATE: &str = "SELECT kind, status, coalesce(held, amount) FROM transactions WHERE id = $1";
+
 /// A `keys` row (`KEY_COLUMNS`).
 pub(super) fn key_info(r: &tokio_postgres::Row) -> Result<KeyInfo> {
     KeyRow {
@@ -58,6 +83,10 @@ pub(super) fn transaction(r: &tokio_postgres::Row) -> Result<Transaction> {
         request_id: r.try_get(5)?,
         status: r.try_get(6)?,
         created_at: r.try_get(7)?,
+        held: r.try_get(8)?,
+        model: r.try_get(9)?,
+        tokens: [r.try_get(10)?, r.try_get(11)?, r.try_get(12)?, r.try_get(13)?],
+        usage_source: r.try_get(14)?,
     }
     .into_transaction()
 }

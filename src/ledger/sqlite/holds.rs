@@ -5,10 +5,15 @@
 //! every **open hold** in memory instead of writing a `pending` row for it and
 //! updating it again at capture. A paid request then costs one durable write, not two:
 //! the hold is a few map operations under a mutex on the calling thread, and the
-//! capture writes the `captured` debit and the balance change in one group-committed
-//! command. Crash safety is unchanged: an open hold that dies with the process was
+//! capture writes the `captured` debit (of the captured amount, with the hold in its
+//! `held` column when it took less) and the balance change (less the captured amount
+//! only: the rest of the hold was never taken from the committed balance) in one
+//! group-committed command, and the book drops the whole hold. Crash safety is unchanged: an open hold that dies with the process was
 //! never written, so it is released by construction, and a capture is still durable
-//! before the paid response head is sent.
+//! before it is acknowledged.
+//!
+//! An open hold is never swept while its process runs: it lives as long as its request
+//! (a stream may run for many minutes), and nothing but a capture or a release ends it.
 //!
 //! The [`Book`] caches, per key, the balance as last committed (`balance`) and the sum
 //! of its open holds (`held`); a hold is granted when `balance - held` covers it. The
@@ -194,7 +199,8 @@ impl Book {
         Some(h.clone())
     }
 
-    /// The close of `hold` did not commit: it is open again.
+    /// The close of `hold` was refused before anything was written (a capture above
+    /// the hold): it is open again.
     pub fn reopen(&self, hold: HoldId) {
         if let Some(h) = self.lock().holds.get_mut(&hold.0) {
             h.closing = false;
@@ -216,19 +222,6 @@ impl Book {
         }
     }
 
-    /// Open holds (not closing) taken at or before `cutoff` (unix seconds).
-    pub fn taken_before(&self, cutoff: i64) -> Vec<HoldId> {
-        let inner = self.lock();
-        let mut ids: Vec<HoldId> = inner
-            .holds
-            .iter()
-            .filter(|(_, h)| !h.closing && h.created_at <= cutoff)
-            .map(|(&id, _)| HoldId(id))
-            .collect();
-        ids.sort_unstable_by_key(|h| h.0);
-        ids
-    }
-
     /// Open holds as `pending` debits, newest first, optionally of one key.
     pub fn pending(&self, key_id: Option<&str>) -> Vec<Transaction> {
         let inner = self.lock();
@@ -245,6 +238,10 @@ impl Book {
                 request_id: Some(h.request_id.to_string()),
                 status: Some("pending".into()),
                 created_at: h.created_at,
+                held: None,
+                model: None,
+                usage: None,
+                usage_source: None,
             })
             .collect();
         rows.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
@@ -362,14 +359,12 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_close_reopens_and_stale_holds_are_found_by_age() {
+    fn a_refused_close_reopens_the_hold() {
         let book = book_with(10);
-        let old = held(book.try_hold(&secret(1), Micros(1), "r", "q1", 100));
-        let new = held(book.try_hold(&secret(1), Micros(1), "r", "q2", 200));
-        assert!(book.begin_close(old).is_some());
-        assert_eq!(book.taken_before(150), [], "a closing hold is not stale");
-        book.reopen(old);
-        assert_eq!(book.taken_before(150), [old]);
-        assert_eq!(book.taken_before(i64::MAX), [old, new]);
+        let h = held(book.try_hold(&secret(1), Micros(4), "r", "q1", 100));
+        assert!(book.begin_close(h).is_some());
+        book.reopen(h);
+        assert_eq!(book.held("key_a"), Micros(4), "still held");
+        assert_eq!(book.begin_close(h).map(|o| o.amount), Some(Micros(4)), "and can be closed again");
     }
 }

@@ -43,6 +43,22 @@
 //! a top-up made by `tollgate keys` holds for every request that starts after the
 //! command returned.
 //!
+//! # Metered captures and long requests
+//!
+//! A capture of less than the hold is the same one durable write as a full one: the
+//! `captured` debit row carries the captured amount and, in `held`, the hold; the
+//! balance comes down by the captured amount only (the hold was never written, so there
+//! is nothing to give back) and the book drops the whole hold. A capture above the hold
+//! is refused before anything is written and the hold stays open. A capture of zero is
+//! a release.
+//!
+//! The stale-hold sweep never releases a hold that is open in the book, however old:
+//! this process is alive, so the request that holds it is still running (or will
+//! capture or release it). The sweep only releases `pending` rows, which only an older
+//! version that crashed, or a hand, can have written. A hold id that the table does not
+//! know but that was handed out (below the reserved sequence) is a hold that died with
+//! its process: a late capture of it answers false, a release does nothing.
+//!
 //! # Durability
 //!
 //! The database runs in WAL mode.
@@ -83,18 +99,18 @@ use self::holds::{Attempt, Book};
 use self::schema::migrate;
 pub use self::schema::{MIGRATIONS, SCHEMA, SCHEMA_VERSION};
 use self::sql::{
-    capture_open, connect, debit_status, insert_credit, is_debit, key_by_secret, key_row, less_held, less_open_holds,
-    no_ids, now, release_open, release_pending, tx_row,
+    capture_open, closed_hold, connect, insert_credit, key_by_secret, key_row, less_held, less_open_holds, no_ids, now,
+    release_open, release_pending, tx_row,
 };
 pub use self::writer::MAX_BATCH;
 use self::writer::{courier_loop, read_loop, write_loop, Checkpointer, Tx, Worker};
 use super::rows::{
-    credit_amount, hold_amount, int_to_db, no_hold, nonce_key, repeated_top_up, saturating, seconds, to_db, KeyRow,
-    TxRow, KEY_COLUMNS, TX_COLUMNS,
+    capture_above_hold, credit_amount, hold_amount, int_to_db, nonce_key, repeated_top_up, saturating, seconds, to_db,
+    KeyRow, MeteredRow, TxRow, KEY_COLUMNS, TX_COLUMNS,
 };
 use super::{
-    generate_key, CreditOutcome, Cursor, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, NewKey,
-    Result, SecretHash, Settlement, Transaction, TxPage, TxQuery,
+    generate_key, Account, CreditOutcome, Cursor, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError,
+    Metered, NewKey, Result, SecretHash, Settlement, Transaction, TxPage, TxQuery,
 };
 use crate::money::Micros;
 
@@ -432,17 +448,23 @@ impl Ledger for SqliteLedger {
         Err(no_ids())
     }
 
-    async fn capture(&self, hold: HoldId) -> Result<bool> {
+    async fn capture(&self, hold: HoldId, amount: Micros, metered: Option<&Metered>) -> Result<bool> {
+        let amount = to_db(amount)?;
+        let metered = MeteredRow::of(metered)?;
         self.write(move |tx| {
-            if let Some(captured) = capture_open(tx, hold) {
-                return captured.map(|()| true);
+            if let Some(done) = capture_open(tx, hold, amount, &metered) {
+                return done.map(|()| true);
             }
-            // Not open, so already closed: captured (idempotent) or released (too late to
-            // charge).
-            match debit_status(tx, hold)? {
-                Some(status) => Ok(status == "captured"),
-                None => Err(no_hold(hold)),
+            // Not open, so already closed: captured (idempotent), released (too late to
+            // charge, but charging nothing is still possible), or a hold that died with
+            // the process that took it (released by construction).
+            let Some((status, held)) = closed_hold(tx, hold)? else {
+                return Ok(amount == 0);
+            };
+            if amount > held {
+                return Err(capture_above_hold(hold, Micros(amount.unsigned_abs()), held));
             }
+            Ok(status == "captured" || amount == 0)
         })
         .await
     }
@@ -452,24 +474,24 @@ impl Ledger for SqliteLedger {
             if let Some(released) = release_open(tx, hold, now()) {
                 return released;
             }
-            // Already released or captured: nothing to do (idempotent).
-            if !is_debit(tx, hold)? {
-                return Err(no_hold(hold));
-            }
-            Ok(())
+            // Already released or captured, or died with its process: nothing to do
+            // (idempotent).
+            closed_hold(tx, hold).map(|_| ())
         })
         .await
     }
 
-    /// Open holds older than `older_than` (requests still running long past their
-    /// upstream timeout). tollgate writes no `pending` row on SQLite, but a file may
-    /// hold some put there by hand (the conformance suite does): they are released
-    /// too, so that whatever is pending can be swept.
+    /// Only `pending` rows older than `older_than`: tollgate writes none on SQLite, but
+    /// a file may hold some put there by an older version that crashed, or by hand (the
+    /// conformance suite does). Open holds are in this process's book, never in the
+    /// table, and are never swept: a hold lives as long as its request (a stream may
+    /// run for many minutes), and dies with the process, which releases it by
+    /// construction.
     async fn release_stale_holds(&self, older_than: Duration) -> Result<u64> {
         let age = seconds(older_than);
         self.write(move |tx| {
             let now = now();
-            // Zero means every pending hold, even one stamped in the future by a clock
+            // Zero means every pending row, even one stamped in the future by a clock
             // that has since stepped back.
             let cutoff = if age == 0 { i64::MAX } else { now.saturating_sub(age) };
             let stale = tx
@@ -485,15 +507,70 @@ impl Ledger for SqliteLedger {
                     released += 1;
                 }
             }
-            for hold in tx.book.taken_before(cutoff) {
-                if let Some(done) = release_open(tx, hold, now) {
-                    done?;
-                    released += 1;
-                }
-            }
             Ok(released)
         })
         .await
+    }
+
+    /// Read like [`Ledger::key`]: the open holds first, so a capture committing in
+    /// between errs on the low side of the balance.
+    async fn account(&self, secret: SecretHash, spend_window: Option<Duration>) -> Result<Option<Account>> {
+        let holding = self.book.holding();
+        let window = spend_window.map(seconds);
+        let found = self
+            .read(move |conn| {
+                let sql = format!("SELECT {KEY_COLUMNS} FROM keys WHERE secret_hash = ?1");
+                let Some(key) = conn.prepare_cached(&sql)?.query_row([&secret.0[..]], key_row).optional()? else {
+                    return Ok(None);
+                };
+                let key = key.into_info()?;
+                let spent = match window {
+                    None => None,
+                    Some(window) => Some(Micros(
+                        conn.prepare_cached(
+                            "SELECT coalesce(sum(amount), 0) FROM transactions
+                             WHERE key_id = ?1 AND created_at >= ?2
+                               AND kind = 'debit' AND status IN ('pending', 'captured')",
+                        )?
+                        .query_row(params![key.id, now().saturating_sub(window)], |r| r.get::<_, u64>(0))?,
+                    )),
+                };
+                Ok(Some((key, spent)))
+            })
+            .await?;
+        let Some((key, spent)) = found else {
+            return Ok(None);
+        };
+        // Open holds are spending too (as the spend cap counts them).
+        let held = holding.get(&key.id).copied().unwrap_or(Micros::ZERO);
+        let spent = spent.map(|s| s.checked_add(held).ok_or(LedgerError::Overflow)).transpose()?;
+        Ok(Some(Account { key: less_held(key, &holding), held, spent }))
+    }
+
+    /// The open hold of the request, if any, is read before the table (as in
+    /// [`Ledger::transaction_page`]): one captured in between shows once, as its row.
+    async fn request_transactions(&self, key_id: &str, request_id: &str) -> Result<Vec<Transaction>> {
+        let pending: Vec<Transaction> = self
+            .book
+            .pending(Some(key_id))
+            .into_iter()
+            .filter(|t| t.request_id.as_deref() == Some(request_id))
+            .collect();
+        let (key_id, request_id) = (key_id.to_owned(), request_id.to_owned());
+        let mut rows = self
+            .read(move |conn| {
+                let sql = format!("SELECT {TX_COLUMNS} FROM transactions WHERE key_id = ?1 AND request_id = ?2");
+                let rows = conn
+                    .prepare_cached(&sql)?
+                    .query_map(params![key_id, request_id], tx_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                rows.into_iter().map(TxRow::into_transaction).collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        let stored: std::collections::HashSet<i64> = rows.iter().map(|t| t.id).collect();
+        rows.extend(pending.into_iter().filter(|t| !stored.contains(&t.id)));
+        rows.sort_unstable_by_key(Cursor::of);
+        Ok(rows)
     }
 
     /// Open holds are listed as `pending` debits among the rows (read first: a hold

@@ -16,10 +16,13 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// Migration `n` (1-based) is `MIGRATIONS[n - 1]`. Append only.
 ///
-/// A new database gets the whole of [`SCHEMA`] as migration 1, and the steps after it
-/// change nothing there. A database made by the first migration 1 (tables without the
-/// listing indexes) is at version 1, and migration 2 brings it to [`SCHEMA`]: so each
-/// step after the first must be idempotent (`IF NOT EXISTS`).
+/// A new database gets the whole of [`SCHEMA`] and goes straight to
+/// [`SCHEMA_VERSION`]; the steps after the first run only on databases made before
+/// them. A database made by the first migration 1 (tables without the listing indexes)
+/// is at version 1, and migrations 2 and 3 bring it to [`SCHEMA`]. Migration 2 is
+/// idempotent (`IF NOT EXISTS`) because the versions before migration 3 also ran it
+/// after [`SCHEMA`] on a new database; SQLite has no `ADD COLUMN IF NOT EXISTS`, hence
+/// the shortcut for new databases.
 pub const MIGRATIONS: &[&str] = &[
     SCHEMA,
     // 2: listings ordered by time (`created_at`, then id); idempotency keys looked up
@@ -27,6 +30,17 @@ pub const MIGRATIONS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS transactions_created ON transactions (created_at);
      CREATE INDEX IF NOT EXISTS transactions_idempotency_key
          ON transactions (idempotency_key) WHERE idempotency_key IS NOT NULL;",
+    // 3: metered captures (the hold of a partial capture, the model and usage it was
+    // priced from); one request's transactions looked up by key.
+    "ALTER TABLE transactions ADD COLUMN held INTEGER CHECK (held IS NULL OR held >= amount);
+     ALTER TABLE transactions ADD COLUMN model TEXT;
+     ALTER TABLE transactions ADD COLUMN input_tokens INTEGER CHECK (input_tokens >= 0);
+     ALTER TABLE transactions ADD COLUMN cached_input_tokens INTEGER CHECK (cached_input_tokens >= 0);
+     ALTER TABLE transactions ADD COLUMN cache_write_input_tokens INTEGER CHECK (cache_write_input_tokens >= 0);
+     ALTER TABLE transactions ADD COLUMN output_tokens INTEGER CHECK (output_tokens >= 0);
+     ALTER TABLE transactions ADD COLUMN usage_source TEXT CHECK (usage_source IN ('reported', 'estimated'));
+     CREATE INDEX IF NOT EXISTS transactions_key_request
+         ON transactions (key_id, request_id) WHERE request_id IS NOT NULL;",
 ];
 
 /// Applies the migrations the database does not have yet, all in one transaction.
@@ -39,8 +53,12 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
              ({SCHEMA_VERSION}); run a newer tollgate or restore a backup"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        tx.execute_batch(sql).map_err(|e| LedgerError::Other(format!("ledger migration {} failed: {e}", i + 1)))?;
+    if current == 0 {
+        tx.execute_batch(SCHEMA).map_err(|e| LedgerError::Other(format!("ledger schema failed: {e}")))?;
+    } else {
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            tx.execute_batch(sql).map_err(|e| LedgerError::Other(format!("ledger migration {} failed: {e}", i + 1)))?;
+        }
     }
     if current < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -156,11 +174,12 @@ mod tests {
         out
     }
 
-    fn migrated(first: Option<&str>) -> Connection {
+    /// A database made at `version` by `sql` (`None`: a new one), then migrated.
+    fn migrated(first: Option<(&str, u32)>) -> Connection {
         let mut conn = Connection::open_in_memory().unwrap();
-        if let Some(sql) = first {
+        if let Some((sql, version)) = first {
             conn.execute_batch(sql).unwrap();
-            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.pragma_update(None, "user_version", version).unwrap();
         }
         migrate(&mut conn).unwrap();
         let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
@@ -172,7 +191,12 @@ mod tests {
     fn a_database_from_the_first_migration_upgrades_to_the_schema() {
         let fresh = shape(&migrated(None));
         assert!(fresh.iter().any(|o| o.starts_with("index transactions_created ")), "{fresh:#?}");
-        assert_eq!(shape(&migrated(Some(FIRST_MIGRATION_1))), fresh);
+        assert!(fresh.iter().any(|o| o.starts_with("index transactions_key_request ")), "{fresh:#?}");
+        assert!(fresh.iter().any(|o| o.starts_with("transactions.usage_source TEXT")), "{fresh:#?}");
+        assert_eq!(shape(&migrated(Some((FIRST_MIGRATION_1, 1)))), fresh);
+        // As the versions before metered captures left a database: migration 3 only.
+        let second = format!("{FIRST_MIGRATION_1}; {}", MIGRATIONS[1]);
+        assert_eq!(shape(&migrated(Some((&second, 2)))), fresh);
         let plain = Connection::open_in_memory().unwrap();
         plain.execute_batch(SCHEMA).unwrap();
         assert_eq!(shape(&plain), fresh, "schema.sql is the schema, and later migrations change nothing");

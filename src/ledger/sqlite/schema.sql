@@ -24,7 +24,17 @@ CREATE TABLE transactions (
             AND status IN ('pending', 'captured', 'released'))
         OR (kind <> 'debit' AND status IS NULL)),
     idempotency_key TEXT CHECK (idempotency_key IS NULL OR kind = 'credit'),
-    created_at      INTEGER NOT NULL
+    created_at      INTEGER NOT NULL,
+    -- A captured debit's hold, when the capture took less (the rest went back to the
+    -- balance with it, no refund row) or was metered; NULL otherwise.
+    held                     INTEGER CHECK (held IS NULL OR held >= amount),
+    -- What a metered capture was priced from: all NULL for a fixed price.
+    model                    TEXT,
+    input_tokens             INTEGER CHECK (input_tokens >= 0),
+    cached_input_tokens      INTEGER CHECK (cached_input_tokens >= 0),
+    cache_write_input_tokens INTEGER CHECK (cache_write_input_tokens >= 0),
+    output_tokens            INTEGER CHECK (output_tokens >= 0),
+    usage_source             TEXT CHECK (usage_source IN ('reported', 'estimated'))
 ) STRICT;
 
 -- Listings are ordered by time (`created_at`, then id: the id is the rowid, so it is
@@ -38,6 +48,9 @@ CREATE INDEX transactions_idempotency_key
     ON transactions (idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX transactions_pending
     ON transactions (created_at) WHERE kind = 'debit' AND status = 'pending';
+-- One request's transactions (a customer looking up a charge).
+CREATE INDEX transactions_key_request
+    ON transactions (key_id, request_id) WHERE request_id IS NOT NULL;
 
 -- Payer and nonce are stored lower-cased: hex is case-insensitive.
 CREATE TABLE x402_nonces (

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use super::holds::OpenHold;
 use super::writer::Tx;
-use crate::ledger::rows::{to_db, KeyRow, TxRow};
+use crate::ledger::rows::{capture_above_hold, held_column, no_hold, to_db, KeyRow, MeteredRow, TxRow};
 use crate::ledger::{HoldId, KeyInfo, LedgerError, Result, SecretHash};
 use crate::money::Micros;
 
@@ -78,18 +78,6 @@ pub(super) fn key_by_secret(conn: &Connection, secret: &SecretHash) -> Result<Op
     Ok(row)
 }
 
-pub(super) fn is_debit(conn: &Connection, hold: HoldId) -> Result<bool> {
-    Ok(debit_status(conn, hold)?.is_some())
-}
-
-pub(super) fn debit_status(conn: &Connection, hold: HoldId) -> Result<Option<String>> {
-    let status = conn
-        .prepare_cached("SELECT status FROM transactions WHERE id = ?1 AND kind = 'debit'")?
-        .query_row([hold.0], |r| r.get::<_, String>(0))
-        .optional()?;
-    Ok(status)
-}
-
 /// The writer could not reserve more transaction ids (see the `cannot reserve
 /// transaction ids` warning in the log for why).
 pub(super) fn no_ids() -> LedgerError {
@@ -153,20 +141,47 @@ pub(super) fn insert_refund(
     Ok(())
 }
 
-/// Captures `hold` if it is open in the book (`None` if not). The book forgets it
-/// either way: captured, or failed, when nothing was debited and the caller withholds
-/// the response (keeping it would keep its amount held until a restart).
-pub(super) fn capture_open(tx: &Tx<'_>, hold: HoldId) -> Option<Result<()>> {
+/// Captures `amount` (already checked to fit an i64) of `hold` if it is open in the
+/// book (`None` if not). The book forgets it once something was decided: captured,
+/// released (a capture of zero), or failed in the database, when nothing was debited
+/// and the caller withholds the response (keeping it would keep its amount held until
+/// a restart). A capture above the hold changes nothing: the hold stays open.
+pub(super) fn capture_open(tx: &Tx<'_>, hold: HoldId, amount: i64, metered: &MeteredRow) -> Option<Result<()>> {
     let h = tx.book.begin_close(hold)?;
-    let captured = debit_open(tx, hold, &h);
+    let held = match to_db(h.amount) {
+        Ok(held) => held,
+        Err(e) => {
+            tx.book.reopen(hold);
+            return Some(Err(e));
+        }
+    };
+    let Some(held_col) = held_column(held, amount, metered.model.is_some()) else {
+        tx.book.reopen(hold);
+        return Some(Err(capture_above_hold(hold, Micros(amount.unsigned_abs()), held)));
+    };
+    if amount == 0 {
+        // Nothing to charge: a release, refund row and all (amounts are positive). As
+        // in `release_open`, the book forgets the hold even if that fails.
+        let released = write_release(tx, hold, &h, now());
+        tx.book.close(hold, None);
+        return Some(released);
+    }
+    let captured = debit_open(tx, hold, &h, amount, held_col, metered);
     tx.book.close(hold, captured.as_ref().ok().copied());
     Some(captured.map(|_| ()))
 }
 
-/// The conditional debit of an open hold (the database has the last word on the
-/// balance) and its `captured` row, numbered as the hold was. Returns the balance.
-pub(super) fn debit_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold) -> Result<Micros> {
-    let amount = to_db(h.amount)?;
+/// The conditional debit of `amount` for an open hold (the database has the last word
+/// on the balance) and its `captured` row, numbered as the hold was, with `held` (see
+/// `rows::held_column`) and the metered columns. Returns the balance.
+pub(super) fn debit_open(
+    tx: &Tx<'_>,
+    hold: HoldId,
+    h: &OpenHold,
+    amount: i64,
+    held: Option<i64>,
+    metered: &MeteredRow,
+) -> Result<Micros> {
     let balance = tx
         .prepare_cached("UPDATE keys SET balance = balance - ?2 WHERE id = ?1 AND balance >= ?2 RETURNING balance")?
         .query_row(params![&*h.key_id, amount], |r| Ok(Micros(r.get(0)?)))
@@ -178,30 +193,89 @@ pub(super) fn debit_open(tx: &Tx<'_>, hold: HoldId, h: &OpenHold) -> Result<Micr
                 h.key_id, hold.0
             ))
         })?;
-    insert_closed_debit(tx, hold, h, amount, "captured")?;
+    insert_closed_debit(tx, hold, h, amount, "captured", held, metered)?;
     Ok(balance)
 }
 
 /// The debit row of an open hold being closed (`captured` or `released`), numbered as
 /// the hold was and stamped with the time it was taken.
-pub(super) fn insert_closed_debit(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, amount: i64, status: &str) -> Result<()> {
+pub(super) fn insert_closed_debit(
+    tx: &Tx<'_>,
+    hold: HoldId,
+    h: &OpenHold,
+    amount: i64,
+    status: &str,
+    held: Option<i64>,
+    m: &MeteredRow,
+) -> Result<()> {
+    let [input, cached_input, cache_write_input, output] = m.tokens;
     tx.prepare_cached(
-        "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status, created_at)
-         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO transactions (id, key_id, kind, amount, route, request_id, status, created_at, held, model,
+                                   input_tokens, cached_input_tokens, cache_write_input_tokens, output_tokens,
+                                   usage_source)
+         VALUES (?1, ?2, 'debit', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
-    .execute(params![hold.0, &*h.key_id, amount, &*h.route, &*h.request_id, status, h.created_at])?;
+    .execute(params![
+        hold.0,
+        &*h.key_id,
+        amount,
+        &*h.route,
+        &*h.request_id,
+        status,
+        h.created_at,
+        held,
+        m.model,
+        input,
+        cached_input,
+        cache_write_input,
+        output,
+        m.usage_source
+    ])?;
     Ok(())
 }
 
-/// Releases `hold` if it is open in the book (`None` if not). If writing the release
-/// fails, the hold stays open: a retry or the stale-hold sweep releases it.
+/// What the table says of a hold that is not open in the book: `Some((status,
+/// hold amount))` for a debit row, `None` for an id that no process ever wrote but
+/// that was handed out (a hold that died with its process, released by construction),
+/// and an error for anything else (no such hold).
+pub(super) fn closed_hold(conn: &Connection, hold: HoldId) -> Result<Option<(String, i64)>> {
+    let row = conn
+        .prepare_cached("SELECT kind, status, amount, held FROM transactions WHERE id = ?1")?
+        .query_row([hold.0], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })
+        .optional()?;
+    match row {
+        Some((kind, Some(status), amount, held)) if kind == "debit" => Ok(Some((status, held.unwrap_or(amount)))),
+        Some(_) => Err(no_hold(hold)),
+        None => {
+            // Ids up to the sequence were reserved (by this process or one before it).
+            let reserved: Option<i64> = conn
+                .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'transactions'")?
+                .query_row([], |r| r.get(0))
+                .optional()?;
+            if hold.0 > 0 && reserved.is_some_and(|seq| hold.0 <= seq) {
+                Ok(None)
+            } else {
+                Err(no_hold(hold))
+            }
+        }
+    }
+}
+
+/// Releases `hold` if it is open in the book (`None` if not). The book forgets it even
+/// if writing the release fails: the hold was never written, so forgetting it releases
+/// it, as a crash would (only without its rows). Keeping it would keep its amount held
+/// until a restart, since the sweep never releases a hold open in the book.
 pub(super) fn release_open(tx: &Tx<'_>, hold: HoldId, now: i64) -> Option<Result<()>> {
     let h = tx.book.begin_close(hold)?;
     let released = write_release(tx, hold, &h, now);
-    match released {
-        Ok(()) => tx.book.close(hold, None),
-        Err(_) => tx.book.reopen(hold),
-    }
+    tx.book.close(hold, None);
     Some(released)
 }
 
@@ -209,7 +283,8 @@ pub(super) fn release_open(tx: &Tx<'_>, hold: HoldId, now: i64) -> Option<Result
 /// its `refund`, which cancel out.
 pub(super) fn write_release(tx: &Tx<'_>, hold: HoldId, h: &OpenHold, now: i64) -> Result<()> {
     let amount = to_db(h.amount)?;
-    insert_closed_debit(tx, hold, h, amount, "released")?;
+    let fixed = MeteredRow::of(None)?;
+    insert_closed_debit(tx, hold, h, amount, "released", None, &fixed)?;
     insert_refund(tx, &h.key_id, amount, Some(&h.route), Some(&h.request_id), now)
 }
 
@@ -229,5 +304,9 @@ pub(super) fn tx_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TxRow> {
         request_id: r.get(5)?,
         status: r.get(6)?,
         created_at: r.get(7)?,
+        held: r.get(8)?,
+        model: r.get(9)?,
+        tokens: [r.get(10)?, r.get(11)?, r.get(12)?, r.get(13)?],
+        usage_source: r.get(14)?,
     })
 }

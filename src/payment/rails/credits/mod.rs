@@ -282,7 +282,7 @@ impl Grant for CreditsGrant {
             .cause(cause)
             .rail(NAME)
         };
-        match self.ledger.capture(self.hold /* MERGE: , amount, metered */).await {
+        match self.ledger.capture(self.hold, amount, metered).await {
             Ok(true) => {}
             // Released meanwhile (swept as abandoned): the money is back, so the
             // response must not be delivered either.
