@@ -394,16 +394,16 @@ meter = \"{meter}\"\naccept = [\"credits\"]\n{extra}\n"
 
     #[test]
     fn fixed_part_and_max_price_bound_the_typical_hold() {
-        let rest = route("chat", "/v1/chat/completions", "openai-chat", "price = \"0.001\"\nmax_price = \"0.01\"")
+        let rest = route("chat", "/v1/chat/completions", "openai-chat", "price = \"0.001\"\nmax_price = \"0.02\"")
             + &model("gpt-4o-mini", "0.15", "0.60", 16384)
             + &model("gpt-4o", "2.50", "10.00", 16384);
         let r = report(&rest);
         assert_eq!(r.warnings, Vec::<String>::new());
-        assert!(r.lines[0].contains("(fixed part 0.001 USD, max_price 0.01 USD)"), "{}", r.lines[0]);
-        // 1000 fixed + 75 + 16384 × 0.60 = 9830.4 → 10,906 micro-USD: under the cap.
+        assert!(r.lines[0].contains("(fixed part 0.001 USD, max_price 0.02 USD)"), "{}", r.lines[0]);
+        // 1000 fixed + 75 + 16384 × 0.60 = 9830.4 → 10,906 micro-USD: under the cap of 20,000.
         assert!(r.lines[1].starts_with("  model gpt-4o-mini: 0.010906 USD (500"), "{}", r.lines[1]);
         // 1000 + 1250 + 163,840 is far above the cap: the hold is the cap.
-        assert!(r.lines[2].starts_with("  model gpt-4o: 0.01 USD, capped by max_price ("), "{}", r.lines[2]);
+        assert!(r.lines[2].starts_with("  model gpt-4o: 0.02 USD, capped by max_price ("), "{}", r.lines[2]);
     }
 
     #[test]
