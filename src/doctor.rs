@@ -78,6 +78,7 @@ pub(crate) async fn doctor(cfg: Config) -> ExitCode {
         }
     }
     let base = cfg.public_base();
+    let metered = metered_report(&cfg);
     for r in &cfg.routes {
         let methods = if r.methods.is_empty() {
             "ANY".to_owned()
@@ -119,10 +120,11 @@ pub(crate) async fn doctor(cfg: Config) -> ExitCode {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-    }
-    let metered = metered_report(&cfg);
-    for line in &metered.lines {
-        println!("{line}");
+        for (_, lines) in metered.holds.iter().filter(|(route, _)| *route == r.name) {
+            for line in lines {
+                println!("{line}");
+            }
+        }
     }
     for w in &metered.warnings {
         println!("warning: {w}");
@@ -151,8 +153,17 @@ pub(crate) const TYPICAL_INPUT_TOKENS: u64 = 500;
 /// dead config).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct MeteredReport {
-    pub(crate) lines: Vec<String>,
+    /// Per metered route (by name), the lines printed under it.
+    pub(crate) holds: Vec<(String, Vec<String>)>,
     pub(crate) warnings: Vec<String>,
+}
+
+impl MeteredReport {
+    /// Every route's lines, in order.
+    #[cfg(test)]
+    fn lines(&self) -> Vec<String> {
+        self.holds.iter().flat_map(|(_, lines)| lines.iter().cloned()).collect()
+    }
 }
 
 /// The model vendor a `[[model]]` name belongs to, by its well-known prefixes; entries
@@ -295,11 +306,10 @@ pub(crate) fn metered_report(cfg: &Config) -> MeteredReport {
             bounds.push(format!("max_price {max} USD"));
         }
         let bounds = if bounds.is_empty() { String::new() } else { format!(" ({})", bounds.join(", ")) };
-        out.lines.push(format!(
-            "route {}: a typical request ({TYPICAL_INPUT_TOKENS} input tokens, no output maximum, so the model's \
-max_output_tokens) is held{bounds}:",
-            r.name
-        ));
+        let mut lines = vec![format!(
+            "  a typical request ({TYPICAL_INPUT_TOKENS} input tokens, no output maximum, so the model's \
+max_output_tokens) is held{bounds}:"
+        )];
         for m in &usable {
             let hold = typical_hold(plan, m);
             let capped = if plan.max_price == Some(hold.amount) { ", capped by max_price" } else { "" };
@@ -308,8 +318,8 @@ max_output_tokens) is held{bounds}:",
             } else {
                 format!(" + {} output tokens at {} USD/1M", hold.output_tokens, per_million(m.output))
             };
-            out.lines.push(format!(
-                "  model {}: {} USD{capped} ({} input tokens at {} USD/1M{output}); then charged the usage the upstream reports",
+            lines.push(format!(
+                "    model {}: {} USD{capped} ({} input tokens at {} USD/1M{output}); then charged the usage the upstream reports",
                 m.name,
                 hold.amount,
                 hold.input_tokens,
@@ -317,9 +327,10 @@ max_output_tokens) is held{bounds}:",
             ));
         }
         if usable.is_empty() {
-            out.lines
-                .push("  no [[model]] entry serves this route: every request is refused 400 model_not_priced".into());
+            lines
+                .push("    no [[model]] entry serves this route: every request is refused 400 model_not_priced".into());
         }
+        out.holds.push((r.name.clone(), lines));
         let prefixes = likely_prefixes(plan.meter);
         if !prefixes.iter().any(|p| prices_family(&cfg.models, p)) {
             let names: Vec<String> = prefixes.iter().map(|p| format!("{p}*")).collect();
@@ -380,16 +391,17 @@ meter = \"{meter}\"\naccept = [\"credits\"]\n{extra}\n"
         let r = metered_report(&Config::parse(&text, |_| None).unwrap());
         assert_eq!(r.warnings, Vec::<String>::new());
         // 500 × 0.15 + 1024 × 0.60 = 75 + 614.4 → 690 micro-USD; 500 × 2.50 + 1024 × 10 = 11,490.
-        assert_eq!(r.lines.len(), 3, "{:#?}", r.lines);
-        assert!(r.lines[0].starts_with("route chat: a typical request (500 input tokens"), "{}", r.lines[0]);
+        assert_eq!(r.holds.iter().map(|(route, _)| route.as_str()).collect::<Vec<_>>(), ["chat"]);
+        assert_eq!(r.lines().len(), 3, "{:#?}", r.lines());
+        assert!(r.lines()[0].starts_with("  a typical request (500 input tokens"), "{}", r.lines()[0]);
         assert!(
-            r.lines[1].starts_with(
-                "  model demo-mini: 0.00069 USD (500 input tokens at 0.15 USD/1M + 1024 output tokens at 0.60 USD/1M)"
+            r.lines()[1].starts_with(
+                "    model demo-mini: 0.00069 USD (500 input tokens at 0.15 USD/1M + 1024 output tokens at 0.60 USD/1M)"
             ),
             "{}",
-            r.lines[1]
+            r.lines()[1]
         );
-        assert!(r.lines[2].starts_with("  model *: 0.01149 USD (500 input tokens"), "{}", r.lines[2]);
+        assert!(r.lines()[2].starts_with("    model *: 0.01149 USD (500 input tokens"), "{}", r.lines()[2]);
     }
 
     #[test]
@@ -399,17 +411,17 @@ meter = \"{meter}\"\naccept = [\"credits\"]\n{extra}\n"
             + &model("gpt-4o", "2.50", "10.00", 16384);
         let r = report(&rest);
         assert_eq!(r.warnings, Vec::<String>::new());
-        assert!(r.lines[0].contains("(fixed part 0.001 USD, max_price 0.02 USD)"), "{}", r.lines[0]);
+        assert!(r.lines()[0].contains("(fixed part 0.001 USD, max_price 0.02 USD)"), "{}", r.lines()[0]);
         // 1000 fixed + 75 + 16384 × 0.60 = 9830.4 → 10,906 micro-USD: under the cap of 20,000.
-        assert!(r.lines[1].starts_with("  model gpt-4o-mini: 0.010906 USD (500"), "{}", r.lines[1]);
+        assert!(r.lines()[1].starts_with("    model gpt-4o-mini: 0.010906 USD (500"), "{}", r.lines()[1]);
         // 1000 + 1250 + 163,840 is far above the cap: the hold is the cap.
-        assert!(r.lines[2].starts_with("  model gpt-4o: 0.02 USD, capped by max_price ("), "{}", r.lines[2]);
+        assert!(r.lines()[2].starts_with("    model gpt-4o: 0.02 USD, capped by max_price ("), "{}", r.lines()[2]);
     }
 
     #[test]
     fn models_without_a_metered_route_are_never_used() {
         let r = report(&model("gpt-4o-mini", "0.15", "0.60", 16384));
-        assert_eq!(r.lines, Vec::<String>::new());
+        assert_eq!(r.holds, Vec::new());
         assert_eq!(r.warnings.len(), 1, "{:#?}", r.warnings);
         assert!(r.warnings[0].contains("\"gpt-4o-mini\" is priced but no route is metered"), "{}", r.warnings[0]);
     }
@@ -420,8 +432,8 @@ meter = \"{meter}\"\naccept = [\"credits\"]\n{extra}\n"
             + &model("gpt-4o-mini", "0.15", "0.60", 16384)
             + &model("o3*", "2.00", "8.00", 100_000);
         let r = report(&rest);
-        assert_eq!(r.lines.len(), 2, "{:#?}", r.lines);
-        assert!(r.lines[1].contains("no [[model]] entry serves this route"), "{}", r.lines[1]);
+        assert_eq!(r.lines().len(), 2, "{:#?}", r.lines());
+        assert!(r.lines()[1].contains("no [[model]] entry serves this route"), "{}", r.lines()[1]);
         assert_eq!(r.warnings.len(), 3, "{:#?}", r.warnings);
         assert!(r.warnings[0]
             .contains("\"gpt-4o-mini\" is priced but no metered route serves it (routes meter anthropic-messages)"));
@@ -436,8 +448,8 @@ meter = \"{meter}\"\naccept = [\"credits\"]\n{extra}\n"
             + &model("llama-3.1-8b", "0.05", "0.08", 8192);
         let r = report(&rest);
         // The self-hosted model is usable on an OpenAI-compatible route; the Claude one is not.
-        assert_eq!(r.lines.len(), 2, "{:#?}", r.lines);
-        assert!(r.lines[1].starts_with("  model llama-3.1-8b: "), "{}", r.lines[1]);
+        assert_eq!(r.lines().len(), 2, "{:#?}", r.lines());
+        assert!(r.lines()[1].starts_with("    model llama-3.1-8b: "), "{}", r.lines()[1]);
         assert_eq!(r.warnings.len(), 2, "{:#?}", r.warnings);
         assert!(r.warnings[0].contains("\"claude*\" is priced but no metered route serves it"));
         assert!(r.warnings[1].contains("route chat (meter openai-chat) has no price for the models its clients usually ask for (gpt*, o1*, o3*, o4*, chatgpt*)"), "{}", r.warnings[1]);
@@ -450,7 +462,7 @@ meter = \"{meter}\"\naccept = [\"credits\"]\n{extra}\n"
                 route("claude", "/v1/messages", "anthropic-messages", "") + &model(entry, "3.00", "15.00", 64000);
             let r = report(&rest);
             assert_eq!(r.warnings, Vec::<String>::new(), "{entry}");
-            assert_eq!(r.lines.len(), 2, "{entry}: {:#?}", r.lines);
+            assert_eq!(r.lines().len(), 2, "{entry}: {:#?}", r.lines());
         }
         let rest = route("emb", "/v1/embeddings", "openai-embeddings", "")
             + "\n[[model]]\nname = \"text-embedding-3-small\"\ninput = \"0.02\"\noutput = \"0\"\n";
@@ -458,8 +470,8 @@ meter = \"{meter}\"\naccept = [\"credits\"]\n{extra}\n"
         assert_eq!(r.warnings, Vec::<String>::new());
         // 500 × 0.02 = 10 micro-USD, no output.
         assert_eq!(
-            r.lines[1],
-            "  model text-embedding-3-small: 0.00001 USD (500 input tokens at 0.02 USD/1M); then charged the usage the upstream reports"
+            r.lines()[1],
+            "    model text-embedding-3-small: 0.00001 USD (500 input tokens at 0.02 USD/1M); then charged the usage the upstream reports"
         );
     }
 
@@ -476,6 +488,6 @@ meter = \"{meter}\"\naccept = [\"credits\"]\n{extra}\n"
         assert_eq!(r.warnings.len(), 1, "{:#?}", r.warnings);
         assert!(r.warnings[0].starts_with("model \"gpt-4o\" can never be selected"), "{}", r.warnings[0]);
         // Only the reachable entry gets a hold line.
-        assert_eq!(r.lines.len(), 2, "{:#?}", r.lines);
+        assert_eq!(r.lines().len(), 2, "{:#?}", r.lines());
     }
 }
