@@ -400,3 +400,92 @@ Press Ctrl-C to stop.
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::chat::{answer, read, reply};
+    use super::*;
+
+    async fn body_text(res: Response<Body>) -> String {
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn prompt_tokens_are_the_messages_text_plus_3_per_message_plus_3() {
+        let body = json!({"model": "demo-mini", "max_tokens": 7, "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}
+        ]});
+        let a = read(body.to_string().as_bytes()).unwrap();
+        let expected = count_tokens("Be brief.") + 3 + count_tokens("Hello\nthere") + 3 + 3;
+        assert_eq!((a.prompt_tokens, a.max_tokens, a.last_user.as_str()), (expected, Some(7), "Hello\nthere"));
+        assert!(read(b"{\"messages\": []}").is_err(), "no model");
+        assert!(read(b"not json").is_err());
+    }
+
+    #[test]
+    fn the_reply_is_cut_to_the_output_maximum() {
+        let body = json!({"model": "m", "max_completion_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]});
+        let (pieces, cut) = reply(&read(body.to_string().as_bytes()).unwrap());
+        assert!(cut);
+        assert!(!pieces.is_empty() && count_tokens(&pieces.concat()) <= 5, "{pieces:?}");
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]});
+        let (pieces, cut) = reply(&read(body.to_string().as_bytes()).unwrap());
+        assert!(!cut && pieces.len() > 10 && pieces[1].starts_with(' '), "{pieces:?}");
+    }
+
+    #[tokio::test]
+    async fn a_completion_reports_the_tokens_it_read_and_wrote() {
+        let req = json!({"model": "demo-mini", "messages": [{"role": "user", "content": "Hello, tollgate!"}]});
+        let res = answer(req.to_string().as_bytes());
+        assert_eq!(res.headers()["content-type"], "application/json");
+        let v: Value = serde_json::from_str(&body_text(res).await).unwrap();
+        assert_eq!((&v["object"], &v["model"]), (&json!("chat.completion"), &json!("demo-mini")));
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], count_tokens(text));
+        assert_eq!(v["usage"]["prompt_tokens"], count_tokens("Hello, tollgate!") + 6);
+        assert_eq!(v["usage"]["total_tokens"], v["usage"]["prompt_tokens"].as_u64().unwrap() + count_tokens(text));
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        assert_eq!(v["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+
+    fn chunks(stream: &str) -> Vec<Value> {
+        assert!(stream.ends_with("data: [DONE]\n\n"), "{stream}");
+        stream
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_sends_word_by_word_and_the_usage_chunk_only_when_asked() {
+        for include_usage in [false, true] {
+            let req = json!({"model": "demo-mini", "stream": true, "stream_options": {"include_usage": include_usage},
+                "messages": [{"role": "user", "content": "Tell me a story"}]});
+            let res = answer(req.to_string().as_bytes());
+            assert_eq!(res.headers()["content-type"], "text/event-stream; charset=utf-8");
+            let chunks = chunks(&body_text(res).await);
+            assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+            assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+            let text: String =
+                chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<String>();
+            let words =
+                chunks.iter().filter(|c| c["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()));
+            assert_eq!(words.count(), text.split(' ').count(), "one chunk per word");
+            let last = chunks.last().unwrap();
+            if include_usage {
+                assert_eq!(last["choices"], json!([]));
+                assert_eq!(last["usage"]["completion_tokens"], count_tokens(&text));
+                assert_eq!(last["usage"]["prompt_tokens"], count_tokens("Tell me a story") + 6);
+                assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+                assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], "stop");
+            } else {
+                assert!(chunks.iter().all(|c| c.get("usage").is_none()), "no usage field unless asked");
+                assert_eq!(last["choices"][0]["finish_reason"], "stop");
+            }
+        }
+    }
+}
