@@ -77,6 +77,9 @@ pub(crate) async fn doctor(cfg: Config) -> ExitCode {
             }
         }
     }
+    if let Some(s) = &cfg.stripe {
+        failures += crate::selfservice::doctor(s).await;
+    }
     let base = cfg.public_base();
     let metered = metered_report(&cfg);
     for r in &cfg.routes {

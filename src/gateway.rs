@@ -65,6 +65,7 @@ impl Snapshot {
                 Err(e) => errors.push(format!("upstream[{i}]: {e}")),
             }
         }
+        let selfservice = crate::selfservice::SelfService::new(&cfg, ledger, metrics).map_err(|e| errors.push(e)).ok();
         let rails = match rails(&cfg, ledger, metrics) {
             Ok(r) => r,
             Err(e) => {
@@ -72,12 +73,12 @@ impl Snapshot {
                 Rails::default()
             }
         };
-        if !errors.is_empty() {
+        let (Some(selfservice), true) = (selfservice, errors.is_empty()) else {
             return Err(ConfigErrors(errors));
-        }
+        };
         let routes = RouteTable::new(&cfg);
         let gate = PaymentGate::new(&cfg, &routes, rails, metrics);
-        let routing = Routing::new(&cfg, routes, metrics);
+        let routing = Routing::new(&cfg, routes, metrics, selfservice);
         // Built once here, swapped whole on reload; a request flows through it one way:
         // request id → route (metrics, access log) → payment → forward.
         let stack = ServiceBuilder::new()

@@ -22,6 +22,7 @@ pub(crate) mod problem;
 pub(crate) mod proxy;
 pub mod rejection;
 pub mod route;
+pub mod selfservice;
 pub(crate) mod server;
 pub(crate) mod telemetry;
 

@@ -69,6 +69,17 @@ pub struct RailResult {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderResult {
+    pub provider: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: &'static str,
+}
+
 #[derive(Clone, Copy)]
 pub struct Buckets(&'static [f64]);
 
@@ -101,6 +112,9 @@ pub struct Metrics {
     pub config_reloads: Family<ReloadResult, Counter>,
     pub tokens: Family<RouteModelKind, Counter>,
     pub metered_overrun: Family<RouteLabel, Counter>,
+    /// Self-service top-ups by provider and result (created, credited, duplicate, rejected).
+    pub topups: Family<ProviderResult, Counter>,
+    pub topup_micros: Family<ProviderLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -138,6 +152,8 @@ impl Metrics {
             config_reloads: Family::default(),
             tokens: Family::default(),
             metered_overrun: Family::default(),
+            topups: Family::default(),
+            topup_micros: Family::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by route and outcome", m.requests.clone());
@@ -189,6 +205,16 @@ impl Metrics {
             "metered_overrun",
             "Metered requests whose reported usage cost more than their hold (charged the hold)",
             m.metered_overrun.clone(),
+        );
+        registry.register(
+            "topups",
+            "Customer top-ups by payment provider and result (created, credited, duplicate, rejected)",
+            m.topups.clone(),
+        );
+        registry.register(
+            "topup_micros",
+            "Money credited by customer top-ups, in micro-USD, by payment provider",
+            m.topup_micros.clone(),
         );
         Metrics { registry, ..m }
     }

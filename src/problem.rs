@@ -65,7 +65,7 @@ pub(crate) const DOCS: &[ProblemDoc] = &[
         what: "The route charges per token, and the request body is not a JSON object naming a `model` (with valid token limits), so its price cannot be known. Nothing was charged or forwarded.",
         fix: "Send the JSON body the API documents, with `model` and, if you set them, non-negative integer token limits." },
     ProblemDoc { code: "request_too_large", title: "Request too large", status: StatusCode::PAYLOAD_TOO_LARGE,
-        what: "The request body is larger than this route reads to price a request. Nothing was charged or forwarded.",
+        what: "The request body is larger than this route reads to price a request, or than this endpoint reads. Nothing was charged or forwarded.",
         fix: "Send a smaller request (fewer or shorter messages)." },
     ProblemDoc { code: "route_not_found", title: "No route", status: StatusCode::NOT_FOUND,
         what: "No configured route matches this host, method and path.",
@@ -82,6 +82,22 @@ pub(crate) const DOCS: &[ProblemDoc] = &[
     ProblemDoc { code: "bad_request", title: "Bad request", status: StatusCode::BAD_REQUEST,
         what: "The request could not be forwarded as sent.",
         fix: "Check the request's URL and headers." },
+    // The customer self-service endpoints (`/.well-known/tollgate/account…`, Stripe's webhook).
+    ProblemDoc { code: "not_found", title: "Not found", status: StatusCode::NOT_FOUND,
+        what: "There is nothing at this address for this key: no such endpoint, no request with this id made with this key, or top-ups by card are not set up here.",
+        fix: "Check the URL; request ids come from the `X-Request-Id` header of a response to your key." },
+    ProblemDoc { code: "method_not_allowed", title: "Method not allowed", status: StatusCode::METHOD_NOT_ALLOWED,
+        what: "This endpoint does not take this HTTP method.",
+        fix: "Use one of the methods in the `Allow` header." },
+    ProblemDoc { code: "topup_amount_invalid", title: "Top-up amount not accepted", status: StatusCode::BAD_REQUEST,
+        what: "The amount is missing, not a decimal amount, finer than the currency's smallest unit (cents), or outside the operator's top-up range.",
+        fix: "Send a decimal string in whole cents within the range named in `detail`, like `{\"amount\": \"10.00\"}`." },
+    ProblemDoc { code: "topup_failed", title: "Top-up could not be started", status: StatusCode::BAD_GATEWAY,
+        what: "The payment provider refused to create the checkout. Nothing was charged.",
+        fix: "Quote the request_id to the operator, whose log has the provider's reason." },
+    ProblemDoc { code: "webhook_invalid", title: "Webhook not accepted", status: StatusCode::BAD_REQUEST,
+        what: "The webhook delivery is unsigned, signed with another secret, too old or too far in the future, unreadable, or describes a payment tollgate did not set up that way. Nothing was credited.",
+        fix: "Check `stripe.webhook_secret` against the endpoint's signing secret and the server clock; the gateway's log says which." },
 ];
 
 pub(crate) fn doc(code: &str) -> Option<&'static ProblemDoc> {

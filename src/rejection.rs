@@ -35,6 +35,19 @@ pub enum Rejection {
     Metering(MeterRefusal),
     /// A fault of tollgate's own; says where.
     Internal(&'static str),
+    /// A refusal of the customer self-service endpoints (`/.well-known/tollgate/…`).
+    Account(Box<AccountProblem>),
+}
+
+/// A refusal of a self-service endpoint: its problem code (the status comes from it),
+/// the sentence, extension members (a key refusal's `reason` and `credits`) and
+/// headers (`WWW-Authenticate`, `Allow`, `Retry-After`).
+#[derive(Debug)]
+pub struct AccountProblem {
+    pub code: &'static str,
+    pub detail: String,
+    pub extra: Map<String, serde_json::Value>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// A payment refusal with everything its 402 / 429 / 503 shows.
@@ -85,6 +98,7 @@ impl Rejection {
             Rejection::Payment(p) => p.denial.reason.as_str(),
             Rejection::Metering(m) => m.code,
             Rejection::Internal(_) => "internal_error",
+            Rejection::Account(p) => p.code,
         }
     }
 
@@ -112,6 +126,7 @@ impl Rejection {
             Rejection::Internal(what) => {
                 format!("tollgate failed to handle the request ({what}); nothing was charged.")
             }
+            Rejection::Account(p) => p.detail.clone(),
         }
     }
 
@@ -125,6 +140,15 @@ impl Rejection {
                 extra.insert("reason".into(), json!(m.code));
                 extra.insert("route".into(), json!(m.route));
                 problem::problem_response(r.public_base, m.code, status, detail, r.instance, r.request_id, extra)
+            }
+            Rejection::Account(p) => {
+                let AccountProblem { code, extra, headers, .. } = *p;
+                let mut res =
+                    problem::problem_response(r.public_base, code, status, detail, r.instance, r.request_id, extra);
+                for (k, v) in headers {
+                    res.headers_mut().append(k, v);
+                }
+                res
             }
             other => problem::problem_response(
                 r.public_base,
@@ -216,6 +240,13 @@ fn paywall(
     let title = doc.map(|d| d.title).unwrap_or("Payment required");
     let fix = doc.map(|d| problem::code_spans(&html_escape(d.fix))).unwrap_or_default();
     let topup = match topup_url {
+        // tollgate's own top-up endpoint takes a POST: a form, with the key typed in.
+        Some(u)
+            if u.ends_with(crate::selfservice::TOPUP_PATH)
+                && (denial.reason == Reason::InsufficientFunds || denial.reason == Reason::PaymentMissing) =>
+        {
+            format!("<h2>Top up by card</h2>{}", crate::selfservice::topup_form(u, None))
+        }
         Some(u) if denial.reason == Reason::InsufficientFunds || denial.reason == Reason::PaymentMissing => {
             format!("<p><a class=\"button\" href=\"{u}\">Top up your balance</a></p>", u = html_escape(u))
         }

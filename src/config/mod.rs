@@ -36,6 +36,7 @@ pub use self::upstream::UpstreamConfig;
 pub use self::values::{parse_duration, parse_net, parse_rate, HttpUrl, Rate};
 pub use crate::payment::rails::credits::config::{parse_spend_cap, CreditsConfig, SpendCap};
 pub use crate::payment::rails::x402::config::{evm_chain_id, OfferConfig, SettleMode, X402Config};
+pub use crate::selfservice::config::StripeConfig;
 
 use self::raw::RawConfig;
 use self::route::RouteContext;
@@ -72,6 +73,8 @@ pub struct Config {
     pub models: Vec<ModelPrice>,
     pub credits: CreditsConfig,
     pub x402: Option<X402Config>,
+    /// Customer top-ups by card; `None` without a `[stripe]` section.
+    pub stripe: Option<StripeConfig>,
     pub log: LogConfig,
 }
 
@@ -129,7 +132,11 @@ impl Config {
             None => Some(None),
             Some(x) => X402Config::parse(x, p).map(Some),
         };
-        Some(Config {
+        let stripe = match raw.stripe {
+            None => Some(None),
+            Some(s) => StripeConfig::parse(s, p).map(Some),
+        };
+        let mut cfg = Config {
             server: server?,
             admin: admin?,
             ledger: ledger?,
@@ -138,8 +145,15 @@ impl Config {
             models: models?,
             credits: credits?,
             x402: x402?,
+            stripe: stripe?,
             log: raw.log,
-        })
+        };
+        // With Stripe set up, a customer tops up at tollgate's own endpoint unless the
+        // operator named another page.
+        if cfg.stripe.is_some() && cfg.credits.topup_url.is_none() {
+            cfg.credits.topup_url = Some(format!("{}{}", cfg.public_base(), crate::selfservice::TOPUP_PATH));
+        }
+        Some(cfg)
     }
 
     /// The public base URL used in problem `type` links and x402 `resource`s.

@@ -13,6 +13,7 @@ use super::route::{ChargeOn, OnDisconnect};
 use super::server::{LedgerBackend, LogConfig, Synchronous};
 use crate::payment::rails::credits::config::RawCreditsConfig;
 use crate::payment::rails::x402::config::RawX402Config;
+use crate::selfservice::config::RawStripeConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +32,7 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub credits: RawCreditsConfig,
     pub x402: Option<RawX402Config>,
+    pub stripe: Option<RawStripeConfig>,
     #[serde(default)]
     pub log: LogConfig,
 }

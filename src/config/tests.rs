@@ -487,7 +487,8 @@ fn rule_x402_asset_symbol_is_letters_and_digits() {
 
 // === metered routes and [[model]] ===
 
-const MODEL: &str = "\n[[model]]\nname = \"gpt-4o-mini\"\ninput = \"0.15\"\noutput = \"0.60\"\nmax_output_tokens = 16384\n";
+const MODEL: &str =
+    "\n[[model]]\nname = \"gpt-4o-mini\"\ninput = \"0.15\"\noutput = \"0.60\"\nmax_output_tokens = 16384\n";
 
 fn metered(extra: &str) -> String {
     route(&format!("path = \"/v1/chat/completions\"\naccept = [\"credits\"]\nmeter = \"openai-chat\"\n{extra}"))
@@ -540,8 +541,16 @@ fn rule_model_prices_are_exact_and_bounded() {
         "model[0].input",
         "6 decimal",
     );
-    one_error(&with("\n[[model]]\nname = \"m\"\ninput = \"1\"\noutput = \"1\"\n"), "model[0].max_output_tokens", "required");
-    one_error(&with("\n[[model]]\nname = \"g*pt\"\ninput = \"1\"\noutput = \"0\"\n"), "model[0].name", "only at the end");
+    one_error(
+        &with("\n[[model]]\nname = \"m\"\ninput = \"1\"\noutput = \"1\"\n"),
+        "model[0].max_output_tokens",
+        "required",
+    );
+    one_error(
+        &with("\n[[model]]\nname = \"g*pt\"\ninput = \"1\"\noutput = \"0\"\n"),
+        "model[0].name",
+        "only at the end",
+    );
     one_error(&with(&format!("{MODEL}{MODEL}")), "model[1].name", "duplicate");
     one_error(&with("\n[[model]]\nname = \"m\"\ninput = \"1\"\n"), "model[0]", "output");
     // Free output (embeddings) needs no output bound.

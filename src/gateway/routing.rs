@@ -27,6 +27,7 @@ use crate::proxy::headers::TrustedProxies;
 use crate::proxy::{ConnInfo, ProxyError, ReqBody};
 use crate::rejection::{Rejection, Responder};
 use crate::route::{normalize_host, RequestCtx, RouteTable, Unroutable};
+use crate::selfservice::SelfService;
 use crate::Body;
 
 /// What the route step needs from one snapshot.
@@ -37,11 +38,13 @@ pub(super) struct Routing {
     unmatched: RouteMetrics,
     trusted: TrustedProxies,
     inflight: Gauge<i64, AtomicI64>,
+    selfservice: SelfService,
 }
 
 impl Routing {
-    pub(super) fn new(cfg: &Config, routes: RouteTable, metrics: &Metrics) -> Routing {
+    pub(super) fn new(cfg: &Config, routes: RouteTable, metrics: &Metrics, selfservice: SelfService) -> Routing {
         Routing {
+            selfservice,
             public_base: cfg.public_base(),
             route_metrics: routes.iter().map(|r| metrics.for_route(&r.name)).collect(),
             routes,
@@ -75,6 +78,19 @@ impl Routing {
                     return finish(res, &request_id);
                 }
             }
+        }
+        // tollgate's own namespace, as sent or once normalised: answered here, never
+        // forwarded, whatever the routes are.
+        let own = match crate::route::path::normalize(&path) {
+            Ok(normal) if SelfService::owns(&normal) => Some(normal.into_owned()),
+            _ if SelfService::owns(&path) => Some(path.clone()),
+            _ => None,
+        };
+        if let Some(own) = own {
+            let res = snap.selfservice.handle(req, &own, &request_id).await;
+            tracing::info!(request_id = %request_id, client = %peer, method = %method, path = %path,
+                status = res.status().as_u16(), latency_us = started.elapsed().as_micros() as u64, "self-service");
+            return finish(res, &request_id);
         }
 
         let host = request_host(&req);

@@ -529,6 +529,7 @@ impl PaymentGate {
         bill: &Bill,
     ) -> Result<Receipt, Denial> {
         let gate = self.routes.get(&ctx.route.index);
+        let grant_rail = grant.rail();
         if let Some(m) = gate.and_then(|g| g.metered.as_ref()) {
             if bill.overrun {
                 m.overrun.inc();
@@ -545,6 +546,15 @@ impl PaymentGate {
                     c.inc_by(n);
                 }
             }
+        }
+        if bill.amount == Micros::ZERO && bill.metered.is_none() {
+            // Nothing is charged for a failure: the hold is simply given back, as on a
+            // fixed-price route, and the answer carries no receipt.
+            grant.release().await;
+            if let Some(h) = gate.and_then(|g| g.rails.iter().find(|h| h.name == grant_rail)) {
+                h.refunded.inc();
+            }
+            return Ok(Receipt::default());
         }
         let committed = self.commit(gate, grant, bill.amount, bill.metered.as_ref()).await;
         if let Err(d) = &committed {

@@ -15,6 +15,7 @@ mod llm_sdk;
 mod metered;
 mod payment;
 mod postgres;
+mod selfservice;
 mod smoke;
 mod transparency;
 mod x402;

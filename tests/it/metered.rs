@@ -220,7 +220,12 @@ async fn llm_upstream() -> (Upstream, Llm) {
                 return json_response(code.parse().unwrap(), json!({"error": {"message": "nope", "type": "invalid_request_error"}}));
             }
             let stream = body["stream"] == true;
-            let (delay, repeat) = if fake == "slow" { (Duration::from_millis(25), 40) } else { (Duration::ZERO, 1) };
+            let (delay, repeat) = match fake.as_str() {
+                "slow" => (Duration::from_millis(25), 40),
+                // Paced, so the head and the first events are on the wire before the break.
+                "cut" => (Duration::from_millis(20), 1),
+                _ => (Duration::ZERO, 1),
+            };
             let completion = if fake == "overrun" { 5000 } else { 20 };
             match path.as_str() {
                 "/v1/chat/completions" if stream => {
@@ -505,6 +510,7 @@ async fn streams_without_usage_are_charged_an_estimate_within_the_hold() {
         let (rid, hold) = tokio::time::timeout(Duration::from_secs(10), async {
             let res = client().request(req).await.unwrap();
             let rid = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+            assert_eq!(res.status(), StatusCode::OK, "{fake}: {:?}", res.headers());
             let hold = header_micros(res.headers().get("x-tollgate-hold"));
             let body = res.into_body().collect().await;
             // A cut stream reaches the client as an error, not as a clean end.

@@ -5,6 +5,7 @@
 
 pub(crate) mod facilitator;
 pub(crate) mod pg;
+pub(crate) mod stripe;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -67,7 +67,7 @@ impl Credits {
     }
 
     /// Extracts the key. `Ok(None)`: no credits credential at all.
-    fn key<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h str>, Denial> {
+    pub(crate) fn key<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h str>, Denial> {
         let malformed = |why: &str| {
             Denial::new(Reason::PaymentMalformed, format!("The API key could not be read: {why}.")).rail(NAME)
         };
