@@ -81,10 +81,16 @@ impl Routing {
         }
         // tollgate's own namespace, as sent or once normalised: answered here, never
         // forwarded, whatever the routes are.
-        let own = match crate::route::path::normalize(&path) {
-            Ok(normal) if SelfService::owns(&normal) => Some(normal.into_owned()),
-            _ if SelfService::owns(&path) => Some(path.clone()),
-            _ => None,
+        // Only a path with a segment starting with '.' (as `/.well-known` does) or an
+        // escape can be in that namespace: the common path is not normalised twice.
+        let own = if path.contains("/.") || path.contains('%') {
+            match crate::route::path::normalize(&path) {
+                Ok(normal) if SelfService::owns(&normal) => Some(normal.into_owned()),
+                _ if SelfService::owns(&path) => Some(path.clone()),
+                _ => None,
+            }
+        } else {
+            None
         };
         if let Some(own) = own {
             let res = snap.selfservice.handle(req, &own, &request_id).await;

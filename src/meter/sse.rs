@@ -23,6 +23,11 @@ pub const MAX_EVENT: usize = 1 << 20;
 /// Buffers grown past this by one large event are shrunk back once it is done.
 const KEEP_CAPACITY: usize = 64 * 1024;
 
+/// Of an event too big to parse, this many last bytes are kept: a Responses
+/// `response.completed` event ends with the response's `usage`, so the usage of an
+/// answer too long to parse whole can still be read.
+const TAIL: usize = 4 * 1024;
+
 /// Reads one upstream SSE body as it passes through. See the module docs.
 #[derive(Debug)]
 pub struct StreamMeter {
@@ -31,12 +36,15 @@ pub struct StreamMeter {
     strip: bool,
     /// The current line's bytes seen in earlier frames.
     line: Vec<u8>,
-    /// The current line outgrew [`MAX_EVENT`] and is being skipped.
+    /// The current line outgrew [`MAX_EVENT`]: `line` keeps only its last bytes.
     line_oversize: bool,
+    /// That oversize line is a `data` line.
+    line_is_data: bool,
     /// `data` of the current event, lines joined by `\n`.
     data: Vec<u8>,
     has_data: bool,
-    /// The current event outgrew [`MAX_EVENT`]: it is not parsed.
+    /// The current event outgrew [`MAX_EVENT`]: it is not parsed, only its last
+    /// [`TAIL`] bytes of data are kept, in `data`.
     event_oversize: bool,
     /// The last frame ended in a CR that ended a line: a LF starting the next frame
     /// belongs to that line ending.
@@ -64,6 +72,7 @@ impl StreamMeter {
             strip: strip_usage_chunk && meter == Meter::OpenAiChat,
             line: Vec::new(),
             line_oversize: false,
+            line_is_data: false,
             data: Vec::new(),
             has_data: false,
             event_oversize: false,
@@ -178,6 +187,7 @@ impl StreamMeter {
                 let ended = self.end_line(&line);
                 self.line = line;
                 self.line.clear();
+                shrink(&mut self.line);
                 ended
             };
             if let (Some(drop), Some(o)) = (ended, out.as_deref_mut()) {
@@ -210,13 +220,13 @@ impl StreamMeter {
     }
 
     fn push_line(&mut self, piece: &[u8]) {
-        if self.line_oversize {
-            return;
-        }
-        if self.line.len() + piece.len() > MAX_EVENT {
-            self.line.clear();
-            shrink(&mut self.line);
+        if !self.line_oversize && self.line.len() + piece.len() > MAX_EVENT {
+            self.line_is_data = self.line.iter().chain(piece).take(4).eq(b"data");
             self.line_oversize = true;
+        }
+        if self.line_oversize {
+            self.line.extend_from_slice(&piece[piece.len().saturating_sub(TAIL)..]);
+            keep_tail(&mut self.line);
         } else {
             self.line.extend_from_slice(piece);
         }
@@ -225,7 +235,9 @@ impl StreamMeter {
     /// One complete line; `Some(remove)` when it was the blank line ending an event.
     fn end_line(&mut self, line: &[u8]) -> Option<bool> {
         if std::mem::take(&mut self.line_oversize) {
-            self.event_oversize = true;
+            if std::mem::take(&mut self.line_is_data) {
+                self.oversize_data(line);
+            }
             return None;
         }
         if line.is_empty() {
@@ -249,12 +261,8 @@ impl StreamMeter {
     }
 
     fn push_data(&mut self, v: &[u8]) {
-        if self.event_oversize {
-            return;
-        }
-        if self.data.len() + v.len() + 1 > MAX_EVENT {
-            self.event_oversize = true;
-            self.data.clear();
+        if self.event_oversize || self.data.len() + v.len() + 1 > MAX_EVENT {
+            self.oversize_data(v);
             return;
         }
         if self.has_data {
@@ -262,6 +270,15 @@ impl StreamMeter {
         }
         self.data.extend_from_slice(v);
         self.has_data = true;
+    }
+
+    /// Data of an event too big to parse: only its tail is kept.
+    fn oversize_data(&mut self, v: &[u8]) {
+        self.event_oversize = true;
+        self.has_data = true;
+        self.data.push(b'\n');
+        self.data.extend_from_slice(&v[v.len().saturating_sub(TAIL)..]);
+        keep_tail(&mut self.data);
     }
 
     fn reset_event(&mut self) {
@@ -273,7 +290,13 @@ impl StreamMeter {
 
     /// Reads the event just ended; `true` when it is the usage-only chunk to remove.
     fn dispatch(&mut self) -> bool {
-        if self.event_oversize || !self.has_data {
+        if !self.has_data {
+            return false;
+        }
+        if self.event_oversize {
+            if self.meter == Meter::OpenAiResponses {
+                self.read_usage_tail();
+            }
             return false;
         }
         let data = std::mem::take(&mut self.data);
@@ -343,6 +366,19 @@ impl StreamMeter {
         }
     }
 
+    /// The last complete `"usage": {…}` object in the kept tail of an oversize event.
+    /// Inside JSON strings quotes are escaped, so the pattern only matches a key.
+    fn read_usage_tail(&mut self) {
+        const KEY: &[u8] = b"\"usage\":";
+        let Some(at) = self.data.windows(KEY.len()).rposition(|w| w == KEY) else { return };
+        let rest = &self.data[at + KEY.len()..];
+        if let Some(Ok(usage)) = serde_json::Deserializer::from_slice(rest).into_iter::<ResponsesUsage>().next() {
+            if let Some(usage) = usage.to_usage() {
+                self.reported = Some(usage);
+            }
+        }
+    }
+
     fn read_anthropic(&mut self, data: &[u8]) {
         let Ok(event) = serde_json::from_slice::<AnthropicEvent<'_>>(data) else {
             return;
@@ -368,6 +404,13 @@ impl StreamMeter {
             }
             _ => {}
         }
+    }
+}
+
+/// Drops all but the last [`TAIL`] bytes, in amortized constant time per byte.
+fn keep_tail(buf: &mut Vec<u8>) {
+    if buf.len() > 2 * TAIL {
+        buf.drain(..buf.len() - TAIL);
     }
 }
 

@@ -616,3 +616,20 @@ proptest! {
         prop_assert_eq!(whole.0, out);
     }
 }
+
+#[test]
+fn usage_at_the_end_of_an_oversize_responses_event_is_read() {
+    // A `response.completed` repeating an answer too long to parse whole; a string
+    // after the usage holds an escaped look-alike that must not be taken for it.
+    let text = "word ".repeat(MAX_EVENT / 4);
+    let completed = format!(
+        "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"resp_1\",\"status\":\"completed\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{text}\"}}]}}],\"usage\":{{\"input_tokens\":40,\"input_tokens_details\":{{\"cached_tokens\":8}},\"output_tokens\":262144,\"total_tokens\":262184}},\"metadata\":{{\"note\":\"\\\"usage\\\":{{\\\"input_tokens\\\":1,\\\"output_tokens\\\":1}}\"}}}},\"sequence_number\":9}}\n\n"
+    );
+    assert!(completed.len() > MAX_EVENT);
+    for frame in [1000, 64 * 1024, completed.len()] {
+        let frames: Vec<&[u8]> = completed.as_bytes().chunks(frame).collect();
+        let (out, u, _) = run(Meter::OpenAiResponses, false, &frames);
+        assert!(out == completed.as_bytes());
+        assert_eq!(u, Some(usage(32, 8, 0, 262_144)), "frames of {frame}");
+    }
+}

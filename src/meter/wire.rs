@@ -16,7 +16,7 @@ use super::Usage;
 #[derive(Debug, Default)]
 pub(crate) struct Text<'a>(pub(crate) Option<Cow<'a, str>>);
 
-impl<'a> Text<'a> {
+impl Text<'_> {
     pub(crate) fn as_str(&self) -> &str {
         self.0.as_deref().unwrap_or("")
     }
@@ -158,7 +158,7 @@ impl AnthropicUsage {
         self.cache_creation_input_tokens = later.cache_creation_input_tokens.or(self.cache_creation_input_tokens);
     }
 
-    pub(crate) fn to_usage(&self) -> Option<Usage> {
+    pub(crate) fn to_usage(self) -> Option<Usage> {
         Some(Usage {
             input: self.input_tokens.unwrap_or(0),
             cached_input: self.cache_read_input_tokens.unwrap_or(0),

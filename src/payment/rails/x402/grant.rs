@@ -70,10 +70,10 @@ impl Grant for X402Grant {
     /// (`"success"`: the upstream answered below 500; `"always"`), so the reference
     /// servers' own rule (settle below 400) does not apply: a 404 or 422 the upstream
     /// answered is paid for, as with credits.
-    /// x402 `exact` settles the amount that was signed: the whole price (the config
-    /// keeps x402 off metered routes, so `amount` is always that price).
-    async fn commit(self: Box<Self>, amount: Micros, _metered: Option<&Metered>) -> Result<Receipt, Denial> {
-        debug_assert_eq!(amount.get(), self.pending.amount, "x402 settles exactly what was signed");
+    /// x402 `exact` settles the amount that was signed, whatever `amount` says: the
+    /// config keeps x402 off metered routes, so `amount` is the route's price, and a
+    /// payment signed for more than the price is settled (and charged) as signed.
+    async fn commit(self: Box<Self>, _amount: Micros, _metered: Option<&Metered>) -> Result<Receipt, Denial> {
         if let Some(res) = &self.settled {
             return Ok(self.receipt(res));
         }
