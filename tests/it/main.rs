@@ -11,6 +11,7 @@ mod binary;
 mod bypass;
 mod ledger_conformance;
 mod lifecycle;
+mod llm_sdk;
 mod metered;
 mod payment;
 mod postgres;
