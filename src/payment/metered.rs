@@ -113,7 +113,10 @@ pub(super) async fn price_request(
     let hold = meter::hold(&ask, model, plan.fixed, plan.max_price);
     let include_usage = plan.meter == Meter::OpenAiChat && ask.stream;
     let Some(forwarded) = meter::canonical_body(&bytes, include_usage) else {
-        return Err(refuse("request_unreadable", format!("Route {route} charges per token and {}.", Unreadable::NotObject)));
+        return Err(refuse(
+            "request_unreadable",
+            format!("Route {route} charges per token and {}.", Unreadable::NotObject),
+        ));
     };
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
     // tollgate reads the answer for its usage: it must come uncompressed.

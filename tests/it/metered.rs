@@ -40,6 +40,8 @@ const CHAT_WORDS: [&str; 4] = ["Hello", " there", ", friend", "!"];
 #[derive(Clone, Default)]
 struct Llm {
     bodies: Arc<Mutex<Vec<Value>>>,
+    /// The bytes of each request body and its `Accept-Encoding`, as received.
+    raw: Arc<Mutex<Vec<(Bytes, Option<String>)>>>,
     cancelled: Arc<AtomicUsize>,
     auth: Arc<Mutex<Vec<Option<String>>>>,
 }
@@ -213,9 +215,16 @@ async fn llm_upstream() -> (Upstream, Llm) {
             llm.auth.lock().unwrap().push(
                 req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned),
             );
+            let encoding = req.headers().get("accept-encoding").and_then(|v| v.to_str().ok()).map(str::to_owned);
             let body = req.into_body().collect().await.unwrap().to_bytes();
+            llm.raw.lock().unwrap().push((body.clone(), encoding));
             let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             llm.bodies.lock().unwrap().push(body.clone());
+            if fake == "gzip" {
+                let mut res = json_response(200, json!({"compressed": "as if"}));
+                res.headers_mut().insert("content-encoding", "gzip".parse().unwrap());
+                return res;
+            }
             if let Some(code) = fake.strip_prefix("status:") {
                 return json_response(code.parse().unwrap(), json!({"error": {"message": "nope", "type": "invalid_request_error"}}));
             }
@@ -759,5 +768,37 @@ async fn a_long_prompt_is_counted_off_the_request_thread_and_held_for() {
     // 10 tokens per sentence × 4,500 at 1.25 per token (the highest input price), plus
     // the output and fixed parts: the hold covers the prompt without a large margin.
     assert!((56_000..80_000).contains(&held), "held {held}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_upstream_gets_the_json_that_was_priced_and_is_asked_not_to_compress() {
+    let (up, llm) = llm_upstream().await;
+    let gw = gateway(&routes(&up, "")).await;
+    let (id, key) = gw.key("1.00").await;
+    // The model named twice: read as the last one (priced), and forwarded only so.
+    let body = r#"{"model": "claude-test", "max_tokens": 50, "model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let auth = format!("Bearer {key}");
+    let r = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &auth), ("accept-encoding", "gzip, br")],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let (raw, encoding) = llm.raw.lock().unwrap()[0].clone();
+    let raw = String::from_utf8(raw.to_vec()).unwrap();
+    assert_eq!(raw.matches("\"model\"").count(), 1, "one model reaches the upstream: {raw}");
+    assert!(raw.contains("\"model\":\"gpt-test\""), "{raw}");
+    assert_eq!(encoding.as_deref(), Some("identity"), "the answer must be readable for its usage");
+
+    // An upstream that compresses anyway cannot be read: the hold is charged.
+    let r = post(&gw.url("/v1/chat/completions"), &key, &[("x-fake", "gzip")], chat_body(false, None)).await;
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_owned();
+    let row = debit(&gw, &id, &rid).await;
+    assert_eq!(micros(&row["amount"]), micros(&row["held"]), "{row}");
+    assert_eq!(row["usage_source"], "estimated");
+    assert_eq!(header_micros(r.headers.get("x-tollgate-charged")), micros(&row["held"]));
     gw.shutdown().await;
 }
