@@ -283,3 +283,28 @@ mod tests {
         }
     }
 }
+
+/// The `created_at` range (unix seconds) one request's rows can have, when its id is a
+/// ULID (tollgate's own request ids are): from its time to a day after, long enough for
+/// the longest stream's refund. The lookup then walks the key's rows of that day on the
+/// `(key_id, created_at)` index, so no index on request ids has to be written with
+/// every charge. `None` for an id of the client's own making: all the key's rows.
+pub(super) fn request_window(request_id: &str) -> Option<(i64, i64)> {
+    let ulid = ulid::Ulid::from_string(request_id).ok()?;
+    let secs = i64::try_from(ulid.timestamp_ms() / 1000).ok()?;
+    // A hold is stamped when it is taken, a moment after the id was made; a little
+    // slack before covers a clock step between the two.
+    Some((secs.saturating_sub(60), secs.saturating_add(86_400)))
+}
+
+#[cfg(test)]
+mod request_window_tests {
+    use super::request_window;
+
+    #[test]
+    fn ulids_give_their_day_and_other_ids_none() {
+        let id = ulid::Ulid::from_parts(1_764_500_000_123, 42).to_string();
+        assert_eq!(request_window(&id), Some((1_764_500_000 - 60, 1_764_500_000 + 86_400)));
+        assert_eq!(request_window("my-own-request-id"), None);
+    }
+}

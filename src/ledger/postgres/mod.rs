@@ -117,7 +117,7 @@ pub use self::schema::{MIGRATIONS, MIGRATION_LOCK, SCHEMA, SCHEMA_VERSION};
 use self::sql::{held, key_info, refusal, transaction, CAPTURE, HOLD, HOLD_STATE, KEY_BY_SECRET, RELEASE};
 use super::rows::{
     capture_above_hold, credit_amount, from_db, hold_amount, int_to_db, no_hold, nonce_key, repeated_top_up,
-    saturating, seconds, to_db, MeteredRow, KEY_COLUMNS, TX_COLUMNS,
+    request_window, saturating, seconds, to_db, MeteredRow, KEY_COLUMNS, TX_COLUMNS,
 };
 use super::{
     generate_key, Account, CreditOutcome, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError, Metered,
@@ -570,14 +570,16 @@ impl Ledger for PostgresLedger {
     }
 
     async fn request_transactions(&self, key_id: &str, request_id: &str) -> Result<Vec<Transaction>> {
+        let (from, to) = request_window(request_id).unwrap_or((i64::MIN, i64::MAX));
         self.run(async |c| {
             let stmt = c
                 .prepare_cached(&format!(
-                    "SELECT {TX_COLUMNS} FROM transactions WHERE key_id = $1 AND request_id = $2
+                    "SELECT {TX_COLUMNS} FROM transactions
+                     WHERE key_id = $1 AND created_at BETWEEN $3 AND $4 AND request_id = $2
                      ORDER BY created_at, id"
                 ))
                 .await?;
-            c.query(&stmt, &[&key_id, &request_id]).await?.iter().map(transaction).collect()
+            c.query(&stmt, &[&key_id, &request_id, &from, &to]).await?.iter().map(transaction).collect()
         })
         .await
     }

@@ -53,9 +53,7 @@ pub const MIGRATIONS: &[&str] = &[
          ADD COLUMN IF NOT EXISTS cache_write_input_tokens BIGINT CHECK (cache_write_input_tokens >= 0),
          ADD COLUMN IF NOT EXISTS output_tokens BIGINT CHECK (output_tokens >= 0),
          ADD COLUMN IF NOT EXISTS usage_source TEXT CHECK (usage_source IN ('reported', 'estimated')),
-         ADD COLUMN IF NOT EXISTS touched_at BIGINT;
-     CREATE INDEX IF NOT EXISTS transactions_key_request
-         ON transactions (key_id, request_id) WHERE request_id IS NOT NULL;",
+         ADD COLUMN IF NOT EXISTS touched_at BIGINT;",
 ];
 
 // === impl PostgresLedger ===

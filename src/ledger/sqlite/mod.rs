@@ -105,8 +105,8 @@ use self::sql::{
 pub use self::writer::MAX_BATCH;
 use self::writer::{courier_loop, read_loop, write_loop, Checkpointer, Tx, Worker};
 use super::rows::{
-    capture_above_hold, credit_amount, hold_amount, int_to_db, nonce_key, repeated_top_up, saturating, seconds, to_db,
-    KeyRow, MeteredRow, TxRow, KEY_COLUMNS, TX_COLUMNS,
+    capture_above_hold, credit_amount, hold_amount, int_to_db, nonce_key, repeated_top_up, request_window, saturating,
+    seconds, to_db, KeyRow, MeteredRow, TxRow, KEY_COLUMNS, TX_COLUMNS,
 };
 use super::{
     generate_key, Account, CreditOutcome, Cursor, HoldId, HoldOutcome, HoldRequest, KeyInfo, Ledger, LedgerError,
@@ -557,12 +557,16 @@ impl Ledger for SqliteLedger {
             .filter(|t| t.request_id.as_deref() == Some(request_id))
             .collect();
         let (key_id, request_id) = (key_id.to_owned(), request_id.to_owned());
+        let (from, to) = request_window(&request_id).unwrap_or((i64::MIN, i64::MAX));
         let mut rows = self
             .read(move |conn| {
-                let sql = format!("SELECT {TX_COLUMNS} FROM transactions WHERE key_id = ?1 AND request_id = ?2");
+                let sql = format!(
+                    "SELECT {TX_COLUMNS} FROM transactions
+                     WHERE key_id = ?1 AND created_at BETWEEN ?3 AND ?4 AND request_id = ?2"
+                );
                 let rows = conn
                     .prepare_cached(&sql)?
-                    .query_map(params![key_id, request_id], tx_row)?
+                    .query_map(params![key_id, request_id, from, to], tx_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 rows.into_iter().map(TxRow::into_transaction).collect::<Result<Vec<_>>>()
             })

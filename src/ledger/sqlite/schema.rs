@@ -38,9 +38,7 @@ pub const MIGRATIONS: &[&str] = &[
      ALTER TABLE transactions ADD COLUMN cached_input_tokens INTEGER CHECK (cached_input_tokens >= 0);
      ALTER TABLE transactions ADD COLUMN cache_write_input_tokens INTEGER CHECK (cache_write_input_tokens >= 0);
      ALTER TABLE transactions ADD COLUMN output_tokens INTEGER CHECK (output_tokens >= 0);
-     ALTER TABLE transactions ADD COLUMN usage_source TEXT CHECK (usage_source IN ('reported', 'estimated'));
-     CREATE INDEX IF NOT EXISTS transactions_key_request
-         ON transactions (key_id, request_id) WHERE request_id IS NOT NULL;",
+     ALTER TABLE transactions ADD COLUMN usage_source TEXT CHECK (usage_source IN ('reported', 'estimated'));",
 ];
 
 /// Applies the migrations the database does not have yet, all in one transaction.
@@ -191,7 +189,6 @@ mod tests {
     fn a_database_from_the_first_migration_upgrades_to_the_schema() {
         let fresh = shape(&migrated(None));
         assert!(fresh.iter().any(|o| o.starts_with("index transactions_created ")), "{fresh:#?}");
-        assert!(fresh.iter().any(|o| o.starts_with("index transactions_key_request ")), "{fresh:#?}");
         assert!(fresh.iter().any(|o| o.starts_with("transactions.usage_source TEXT")), "{fresh:#?}");
         assert_eq!(shape(&migrated(Some((FIRST_MIGRATION_1, 1)))), fresh);
         // As the versions before metered captures left a database: migration 3 only.

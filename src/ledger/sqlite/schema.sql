@@ -48,9 +48,6 @@ CREATE INDEX transactions_idempotency_key
     ON transactions (idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX transactions_pending
     ON transactions (created_at) WHERE kind = 'debit' AND status = 'pending';
--- One request's transactions (a customer looking up a charge).
-CREATE INDEX transactions_key_request
-    ON transactions (key_id, request_id) WHERE request_id IS NOT NULL;
 
 -- Payer and nonce are stored lower-cased: hex is case-insensitive.
 CREATE TABLE x402_nonces (
