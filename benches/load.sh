@@ -94,6 +94,8 @@ taskset -c $PROXY_CORE "$NGINX" -c "$WORK/proxy.conf" & PIDS+=($!)
 # --- PostgreSQL (throwaway cluster, run as the postgres user)
 id postgres >/dev/null 2>&1 || useradd --system postgres
 PGDATA_DIR="$WORK/pg"; mkdir -p "$PGDATA_DIR"; chown postgres "$WORK" "$PGDATA_DIR"
+# nginx's workers (not root) must still reach the origin's files under $WORK.
+chmod 711 "$WORK"
 runuser -u postgres -- "$PGBIN/initdb" -D "$PGDATA_DIR" -A trust -U postgres >/dev/null
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$WORK/pg.log" -w \
   -o "-p $PG_PORT -k $PGDATA_DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c synchronous_commit=${PG_SYNC_COMMIT:-on}" start >/dev/null
@@ -243,19 +245,24 @@ measure tollgate_metered_sqlite "http://127.0.0.1:$TG_PORT/v1/chat/completions" 
 
 # Streaming RSS: 1 GB through tollgate, sampling RSS.
 MAXRSS=$IDLE_RSS
-taskset -c $LOAD_CORE curl -s -o /dev/null "http://127.0.0.1:$TG_PORT/big" & CURL=$!
+taskset -c $LOAD_CORE curl -s -o /dev/null -w '%{http_code} %{size_download}' "http://127.0.0.1:$TG_PORT/big" > "$WORK/big.status" & CURL=$!
 while kill -0 $CURL 2>/dev/null; do
   r=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status); [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r; sleep 0.05
 done
+read -r BIG_STATUS BIG_BYTES < "$WORK/big.status" || true  # no newline at its end
+[ "$BIG_STATUS" = 200 ] && [ "$BIG_BYTES" -ge 1073741824 ] || echo "the 1 GB download was answered $BIG_STATUS after $BIG_BYTES bytes" >&2
 # Metered streaming RSS: a 100 MB event stream through the usage meter.
 SSE_BASE=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status); SSE_MAX=$SSE_BASE
-taskset -c $LOAD_CORE curl -s -o "$WORK/sse.out" -H "Authorization: Bearer $STREAM_KEY" -H 'Content-Type: application/json' \
+taskset -c $LOAD_CORE curl -s -o "$WORK/sse.out" -w '%{http_code}' -H "Authorization: Bearer $STREAM_KEY" -H 'Content-Type: application/json' \
   -d '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Count."}]}' \
-  "http://127.0.0.1:$TG_PORT/v1/stream/chat" & CURL=$!
+  "http://127.0.0.1:$TG_PORT/v1/stream/chat" > "$WORK/sse.status" & CURL=$!
 while kill -0 $CURL 2>/dev/null; do
   r=$(awk '/VmRSS/ {print $2}' /proc/$TG_PID/status); [ "$r" -gt "$SSE_MAX" ] && SSE_MAX=$r; sleep 0.05
 done
 SSE_BYTES=$(stat -c %s "$WORK/sse.out")
+if [ "$(cat "$WORK/sse.status")" != 200 ]; then
+  echo "the metered stream was answered $(cat "$WORK/sse.status"): $(head -c 500 "$WORK/sse.out")" >&2
+fi
 export SSE_BASE SSE_MAX SSE_BYTES
 kill $TG_PID; wait $TG_PID 2>/dev/null || true
 
