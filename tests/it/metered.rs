@@ -41,10 +41,13 @@ const CHAT_WORDS: [&str; 4] = ["Hello", " there", ", friend", "!"];
 struct Llm {
     bodies: Arc<Mutex<Vec<Value>>>,
     /// The bytes of each request body and its `Accept-Encoding`, as received.
-    raw: Arc<Mutex<Vec<(Bytes, Option<String>)>>>,
+    raw: Arc<Mutex<Vec<Received>>>,
     cancelled: Arc<AtomicUsize>,
     auth: Arc<Mutex<Vec<Option<String>>>>,
 }
+
+/// A request body's bytes and its `Accept-Encoding`.
+type Received = (Bytes, Option<String>);
 
 /// Sets a flag when a stream is dropped before its end (the upstream saw a cancel).
 struct CancelGuard {

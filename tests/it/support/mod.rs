@@ -92,6 +92,48 @@ where
     Upstream { addr, hits, seen }
 }
 
+/// Serves HTTP/1 and HTTP/2 on `listener` with `handler` until the test's runtime ends
+/// (the stand-ins of outside services: a facilitator, Stripe).
+pub(crate) fn serve<F, Fut>(listener: TcpListener, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// Checks Prometheus text with `promtool check metrics`.
+pub(crate) fn assert_promtool_accepts(text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, text).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// An upstream answering 200 `{"ok":true,"path":...}`.
 pub(crate) async fn ok_upstream() -> Upstream {
     upstream(|req: Request<Incoming>| async move {
