@@ -47,7 +47,7 @@ install_interop() {
     cp tests/interop/package-lock.json "$node/.installed"
   fi
   if ! cmp -s tests/interop/requirements.txt "$venv/.installed"; then
-    echo "test.sh: installing the Python x402 client into $venv" >&2
+    echo "test.sh: installing the Python interop clients (x402, openai, anthropic) and origins into $venv" >&2
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input -r tests/interop/requirements.txt
