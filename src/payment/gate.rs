@@ -182,6 +182,25 @@ impl PaymentGate {
         }
     }
 
+    /// What the rails are asked to charge (or told was refused) for one request.
+    fn charge<'a>(
+        &'a self,
+        ctx: &'a RequestCtx,
+        price: Micros,
+        path: &'a str,
+        hold_note: Option<&'a str>,
+    ) -> Charge<'a> {
+        Charge {
+            route: &ctx.route,
+            price,
+            request_id: &ctx.request_id,
+            client_ip: ctx.client_ip,
+            public_base: &self.public_base,
+            path,
+            hold_note,
+        }
+    }
+
     /// Answers a refusal to a client that asked for `path` (`html`: it prefers a page).
     fn refuse(
         &self,
@@ -300,15 +319,7 @@ impl PaymentGate {
             Plan::Metered(c) => Some(c.note.as_str()),
             Plan::Fixed(_) => None,
         };
-        let charge = Charge {
-            route,
-            price,
-            request_id: &ctx.request_id,
-            client_ip: ctx.client_ip,
-            public_base: &self.public_base,
-            path: &path,
-            hold_note,
-        };
+        let charge = self.charge(&ctx, price, &path, hold_note);
         let gate = self.routes.get(&route.index);
 
         if let Some(Err(secs)) = gate.and_then(|g| g.per_ip.as_ref()).map(|l| l.check(ctx.client_ip)) {
@@ -470,15 +481,7 @@ impl PaymentGate {
             Err(d) => {
                 // The upstream body is dropped unread: the caller does not get what it
                 // was not charged for.
-                let charge = Charge {
-                    route,
-                    price,
-                    request_id: &ctx.request_id,
-                    client_ip: ctx.client_ip,
-                    public_base: &self.public_base,
-                    path: &path,
-                    hold_note: None,
-                };
+                let charge = self.charge(ctx, price, &path, None);
                 Ok(self.refuse(&path, html, ctx, &charge, d, gate))
             }
         }
@@ -599,15 +602,7 @@ impl PaymentGate {
             match self.close_metered(&ctx, &call, guard.take(), &bill).await {
                 Ok(receipt) => attach_receipt(res.headers_mut(), receipt),
                 Err(d) => {
-                    let charge = Charge {
-                        route: &ctx.route,
-                        price: call.hold.amount,
-                        request_id: &ctx.request_id,
-                        client_ip: ctx.client_ip,
-                        public_base: &self.public_base,
-                        path: &path,
-                        hold_note: Some(&call.note),
-                    };
+                    let charge = self.charge(&ctx, call.hold.amount, &path, Some(&call.note));
                     return Ok(self.refuse(&path, html, &ctx, &charge, d, gate));
                 }
             }
@@ -645,15 +640,7 @@ impl PaymentGate {
                 Ok(Response::from_parts(parts, crate::full(bytes)))
             }
             Err(d) => {
-                let charge = Charge {
-                    route: &ctx.route,
-                    price: call.hold.amount,
-                    request_id: &ctx.request_id,
-                    client_ip: ctx.client_ip,
-                    public_base: &self.public_base,
-                    path: &path,
-                    hold_note: Some(&call.note),
-                };
+                let charge = self.charge(&ctx, call.hold.amount, &path, Some(&call.note));
                 Ok(self.refuse(&path, html, &ctx, &charge, d, gate))
             }
         }

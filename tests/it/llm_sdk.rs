@@ -52,7 +52,8 @@ struct Tokens {
 }
 
 impl Tokens {
-    /// DESIGN §9: `ceil(Σ tokens × price / 1,000,000)` micro-USD, rounded up once.
+    /// The price rule (README, "Selling an LLM API"): `ceil(Σ tokens × price / 1,000,000)`
+    /// micro-USD, rounded up once per request.
     fn cost(&self, p: &Prices) -> u64 {
         let sum = self.input * p.input
             + self.cached_input * p.cached_input
