@@ -16,7 +16,7 @@ mod wire;
 mod tests;
 
 pub use price::{find_model, hold, Hold};
-pub use request::{canonical_body, read_request, with_include_usage};
+pub use request::{read_for_upstream, read_request, with_include_usage};
 pub use response::{response_usage, ResponseRead};
 pub use sse::{StreamMeter, MAX_EVENT};
 pub use tokens::count_tokens;

@@ -42,10 +42,32 @@ const SKIPPED_KEYS: &[&str] = &[
 
 /// Reads what `body` asks for under `meter`.
 pub fn read_request(meter: Meter, body: &[u8]) -> Result<Ask, Unreadable> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Unreadable::NotJson(e.to_string()))?;
-    let Value::Object(obj) = value else {
-        return Err(Unreadable::NotObject);
-    };
+    ask_of(meter, &parse_object(body)?)
+}
+
+/// What `body` asks for, and the body as the upstream will get it, from one parse: the
+/// JSON that was priced, written out again, so a body whose keys repeat (`"model"`
+/// twice) cannot be priced on one reading and served on another by a parser that keeps
+/// the first of two equal keys where this one keeps the last. On an `openai-chat`
+/// stream `stream_options.include_usage` is set, so the upstream reports usage.
+pub fn read_for_upstream(meter: Meter, body: &[u8]) -> Result<(Ask, Bytes), Unreadable> {
+    let mut obj = parse_object(body)?;
+    let ask = ask_of(meter, &obj)?;
+    if meter == Meter::OpenAiChat && ask.stream {
+        set_include_usage(&mut obj);
+    }
+    let forwarded = serde_json::to_vec(&obj).map_err(|e| Unreadable::NotJson(e.to_string()))?;
+    Ok((ask, Bytes::from(forwarded)))
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Unreadable> {
+    match serde_json::from_slice(body).map_err(|e| Unreadable::NotJson(e.to_string()))? {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(Unreadable::NotObject),
+    }
+}
+
+fn ask_of(meter: Meter, obj: &Map<String, Value>) -> Result<Ask, Unreadable> {
     let model = match obj.get("model") {
         Some(Value::String(m)) => m.clone(),
         _ => return Err(Unreadable::NoModel),
@@ -60,17 +82,17 @@ pub fn read_request(meter: Meter, body: &[u8]) -> Result<Ask, Unreadable> {
                     _ => return Err(bad("n must be 1..=128")),
                 },
             };
-            let max = match non_negative(&obj, "max_completion_tokens")? {
+            let max = match non_negative(obj, "max_completion_tokens")? {
                 Some(m) => Some(m),
-                None => non_negative(&obj, "max_tokens")?,
+                None => non_negative(obj, "max_tokens")?,
             };
             let include_usage =
                 obj.get("stream_options").and_then(|o| o.get("include_usage")).is_some_and(|v| v == &Value::Bool(true));
-            (max.map(|m| m.saturating_mul(n)), include_usage, chat_input(&obj))
+            (max.map(|m| m.saturating_mul(n)), include_usage, chat_input(obj))
         }
-        Meter::OpenAiResponses => (non_negative(&obj, "max_output_tokens")?, false, responses_input(&obj)),
-        Meter::OpenAiEmbeddings => (Some(0), false, embeddings_input(&obj)),
-        Meter::AnthropicMessages => (non_negative(&obj, "max_tokens")?, false, anthropic_input(&obj)),
+        Meter::OpenAiResponses => (non_negative(obj, "max_output_tokens")?, false, responses_input(obj)),
+        Meter::OpenAiEmbeddings => (Some(0), false, embeddings_input(obj)),
+        Meter::AnthropicMessages => (non_negative(obj, "max_tokens")?, false, anthropic_input(obj)),
     };
     Ok(Ask { model, max_output, stream, include_usage, input_tokens })
 }
@@ -78,9 +100,12 @@ pub fn read_request(meter: Meter, body: &[u8]) -> Result<Ask, Unreadable> {
 /// `body` with `stream_options.include_usage` set to `true`, its other `stream_options`
 /// kept; `None` if `body` is not a JSON object.
 pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
-    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(body) else {
-        return None;
-    };
+    let mut obj = parse_object(body).ok()?;
+    set_include_usage(&mut obj);
+    serde_json::to_vec(&obj).ok().map(Bytes::from)
+}
+
+fn set_include_usage(obj: &mut Map<String, Value>) {
     match obj.get_mut("stream_options") {
         Some(Value::Object(options)) => {
             options.insert("include_usage".to_owned(), Value::Bool(true));
@@ -91,23 +116,6 @@ pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
             obj.insert("stream_options".to_owned(), Value::Object(options));
         }
     }
-    serde_json::to_vec(&obj).ok().map(Bytes::from)
-}
-
-/// The body as the upstream will get it: `body` parsed and written out again (with
-/// `include_usage` set when asked), so the upstream reads exactly the JSON that was
-/// priced. Forwarding the client's own bytes would let a body whose keys repeat
-/// (`"model"` twice) be priced on one reading and served on another, for parsers that
-/// keep the first of two equal keys where this one keeps the last. `None` if `body` is
-/// not a JSON object.
-pub fn canonical_body(body: &[u8], include_usage: bool) -> Option<Bytes> {
-    if include_usage {
-        return with_include_usage(body);
-    }
-    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
-        return None;
-    };
-    serde_json::to_vec(&obj).ok().map(Bytes::from)
 }
 
 fn bad(msg: &str) -> Unreadable {

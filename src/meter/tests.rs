@@ -633,3 +633,18 @@ fn usage_at_the_end_of_an_oversize_responses_event_is_read() {
         assert_eq!(u, Some(usage(32, 8, 0, 262_144)), "frames of {frame}");
     }
 }
+
+#[test]
+fn the_upstream_gets_the_json_that_was_priced() {
+    let body = br#"{"model":"cheap","stream":true,"model":"gpt-4o","messages":[]}"#;
+    let (ask, out) = read_for_upstream(Meter::OpenAiChat, body).unwrap();
+    assert_eq!(ask.model, "gpt-4o");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["model"], "gpt-4o");
+    assert_eq!(String::from_utf8_lossy(&out).matches("\"model\"").count(), 1);
+    assert_eq!(v["stream_options"]["include_usage"], true);
+    // Not a chat stream: priced and forwarded as read, nothing added.
+    let (_, out) = read_for_upstream(Meter::AnthropicMessages, body).unwrap();
+    assert!(!String::from_utf8_lossy(&out).contains("stream_options"));
+    assert_eq!(read_for_upstream(Meter::OpenAiChat, b"[]").unwrap_err(), Unreadable::NotObject);
+}

@@ -92,14 +92,15 @@ pub(super) async fn price_request(
     // Counting a long prompt's tokens takes milliseconds of CPU: off the runtime's
     // threads, so other requests on this worker are not held up.
     let read = if bytes.len() > TOKENIZE_INLINE {
-        let (meter, body) = (plan.meter, bytes.clone());
-        tokio::task::spawn_blocking(move || meter::read_request(meter, &body))
+        let meter = plan.meter;
+        tokio::task::spawn_blocking(move || meter::read_for_upstream(meter, &bytes))
             .await
             .unwrap_or(Err(Unreadable::NotObject))
     } else {
-        meter::read_request(plan.meter, &bytes)
+        meter::read_for_upstream(plan.meter, &bytes)
     };
-    let ask = read.map_err(|e| refuse("request_unreadable", format!("Route {route} charges per token and {e}.")))?;
+    let (ask, forwarded) =
+        read.map_err(|e| refuse("request_unreadable", format!("Route {route} charges per token and {e}.")))?;
     let Some(model) = meter::find_model(models, &ask.model) else {
         let mut priced: Vec<&str> = models.iter().map(|m| m.name.as_str()).take(8).collect();
         if models.len() > priced.len() {
@@ -111,13 +112,6 @@ pub(super) async fn price_request(
         ));
     };
     let hold = meter::hold(&ask, model, plan.fixed, plan.max_price);
-    let include_usage = plan.meter == Meter::OpenAiChat && ask.stream;
-    let Some(forwarded) = meter::canonical_body(&bytes, include_usage) else {
-        return Err(refuse(
-            "request_unreadable",
-            format!("Route {route} charges per token and {}.", Unreadable::NotObject),
-        ));
-    };
     parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(forwarded.len()));
     // tollgate reads the answer for its usage: it must come uncompressed.
     parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
