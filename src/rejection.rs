@@ -120,7 +120,12 @@ impl Rejection {
             Rejection::Upstream(ProxyError::Unrouted) => {
                 "tollgate failed to route the request to an upstream; nothing was charged.".to_owned()
             }
-            Rejection::Upstream(_) => "The upstream could not be reached; nothing was charged.".to_owned(),
+            Rejection::Upstream(ProxyError::Connect { .. }) => {
+                "The upstream could not be reached; nothing was charged.".to_owned()
+            }
+            Rejection::Upstream(_) => "The upstream's answer broke off or could not be used; nothing was charged. \
+                 Retry; if it keeps failing, quote the request_id to the operator."
+                .to_owned(),
             Rejection::Payment(p) => p.denial.detail.clone(),
             Rejection::Metering(m) => m.detail.clone(),
             Rejection::Internal(what) => {

@@ -561,7 +561,12 @@ impl PaymentGate {
         }
         let committed = self.commit(gate, grant, bill.amount, bill.metered.as_ref()).await;
         if let Err(d) = &committed {
-            tracing::warn!(request_id = %ctx.request_id, reason = d.reason.as_str(), "metered charge not captured");
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                reason = d.reason.as_str(),
+                "metered charge not captured: its hold stays pending until the stale-hold sweep releases it, \
+                 so the request goes uncharged; check the ledger (tollgate_ledger_errors_total)"
+            );
         }
         committed
     }

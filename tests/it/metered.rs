@@ -805,3 +805,21 @@ async fn the_upstream_gets_the_json_that_was_priced_and_is_asked_not_to_compress
     assert_eq!(header_micros(r.headers.get("x-tollgate-charged")), micros(&row["held"]));
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_answer_over_max_response_bytes_is_not_delivered_and_not_charged() {
+    let (up, _llm) = llm_upstream().await;
+    let gw = gateway(&routes(&up, "max_response_bytes = 64")).await;
+    let (id, key) = gw.key("1.00").await;
+    let r = post(&gw.url("/v1/chat/completions"), &key, &[], chat_body(false, None)).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers.get("content-type").unwrap(), "application/problem+json");
+    let detail = serde_json::from_slice::<Value>(&r.body).unwrap()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("nothing was charged") && detail.contains("request_id"), "{detail}");
+    assert!(r.headers.get("x-tollgate-charged").is_none());
+    assert_eq!(gw.balance(&id).await, Micros(1_000_000), "the hold is given back");
+    // Streams are never read whole: the same route still streams.
+    let r = post(&gw.url("/v1/chat/completions"), &key, &[], chat_body(true, None)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    gw.shutdown().await;
+}
